@@ -1,0 +1,1 @@
+"""Triton GPU kernels (also run on CPU under TRITON_INTERPRET=1 in tests)."""
