@@ -1,0 +1,53 @@
+"""Loads the compiled CPU kernels, or falls back to the plain-PyTorch reference ops.
+
+The extension is compiled against the torch present at install time. If it cannot load (torch changed since,
+a missing library, or CASCADEXML_FAST_DISABLE_EXT=1), `import cascadexml_fast` still works: a warning is issued
+once, the reference implementations are registered as the CPU kernels, and `info()` reports why.
+"""
+import os
+import warnings
+
+from .ops import _library, reference
+
+DISABLE_ENV = "CASCADEXML_FAST_DISABLE_EXT"
+
+# Reference implementations, keyed by op name, with the schema's extra arguments dropped.
+FALLBACKS = {
+    "shortlist_score": lambda x, w, b, idx, sparse_grad=False, deterministic=False: reference.shortlist_score(
+        x, w, b, idx
+    ),
+    "shortlist_score_grad_input": reference.shortlist_score_grad_input,
+    "shortlist_score_grad_weight": lambda g, x, idx, n, deterministic=False: reference.shortlist_score_grad_weight(
+        g, x, idx, n
+    ),
+    "shortlist_score_grad_weight_rows": reference.shortlist_score_grad_weight_rows,
+}
+
+module = None  # the loaded cascadexml_fast._C, or None
+load_error = None  # why it is None
+
+
+def _load():
+    global module, load_error
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        load_error = f"disabled by {DISABLE_ENV}"
+    else:
+        try:
+            from . import _C  # noqa: F401  (loading the .so registers its kernels)
+
+            module = _C
+            return
+        except (ImportError, OSError) as exc:
+            load_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                "cascadexml_fast: the compiled extension could not be loaded "
+                f"({load_error}); using the slow reference ops on CPU. Reinstall the package against the current "
+                "torch (`pip install --no-build-isolation --force-reinstall --no-deps .`) to get the fast kernels.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    for name in _library.SCHEMAS:
+        _library.LIBRARY.impl(name, FALLBACKS[name], "CPU")
+
+
+_load()

@@ -1,0 +1,35 @@
+"""The `cascadexml_fast` torch library: every op schema, defined once.
+
+Schemas live here rather than in C++ so the ops exist even when the compiled extension cannot load (then the
+reference implementations are registered instead, see cascadexml_fast/_extension.py). The C++ extension only
+attaches CPU kernels to these names (csrc/bindings.cpp); the Triton kernels are attached for CUDA in the op
+modules. Flags that only the autograd formula reads (sparse_grad, deterministic) are part of the forward schema
+so that a compiled graph carries them.
+"""
+import torch
+
+NAMESPACE = "cascadexml_fast"
+
+SCHEMAS = {
+    "shortlist_score": (
+        "shortlist_score(Tensor x, Tensor weight, Tensor? bias, Tensor idx, bool sparse_grad=False, "
+        "bool deterministic=False) -> Tensor"
+    ),
+    "shortlist_score_grad_input": "shortlist_score_grad_input(Tensor grad, Tensor weight, Tensor idx) -> Tensor",
+    "shortlist_score_grad_weight": (
+        "shortlist_score_grad_weight(Tensor grad, Tensor x, Tensor idx, SymInt num_rows, "
+        "bool deterministic=False) -> (Tensor, Tensor)"
+    ),
+    "shortlist_score_grad_weight_rows": (
+        "shortlist_score_grad_weight_rows(Tensor grad, Tensor x, Tensor idx) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    LIBRARY.define(_schema)
+
+
+def op(name: str):
+    """The OpOverloadPacket `torch.ops.cascadexml_fast.<name>`."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)

@@ -1,0 +1,55 @@
+"""Input checks with messages that name the argument. TypeError for wrong kinds and dtypes, ValueError for
+shapes, devices and id ranges."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, value, *, dim: int, dtypes) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(value.dtype).replace('torch.', '')}")
+    if value.is_sparse or value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+
+
+def check_ids_in_range(name: str, idx: torch.Tensor, num_rows: int) -> None:
+    """Every id in [-1, num_rows); otherwise a ValueError naming the first offending value and its position."""
+    if idx.numel() == 0:
+        return
+    bad = (idx < -1) | (idx >= num_rows)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), idx.shape))
+        value = int(idx.reshape(-1)[first])
+        where = ", ".join(map(str, position))
+        raise ValueError(f"{name}[{where}] = {value} is out of range [-1, {num_rows}) (-1 is the pad id)")
+
+
+def check_shortlist_inputs(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor
+) -> None:
+    check_tensor("x", x, dim=2, dtypes=FLOAT_STORAGE)
+    check_tensor("weight", weight, dim=2, dtypes=FLOAT_STORAGE)
+    check_tensor("idx", idx, dim=2, dtypes=ID_DTYPES)
+    if bias is not None:
+        check_tensor("bias", bias, dim=1, dtypes=FLOAT_STORAGE)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has D = {x.shape[1]} features but weight has D = {weight.shape[1]}")
+    if idx.shape[0] != x.shape[0]:
+        raise ValueError(f"idx has B = {idx.shape[0]} rows but x has B = {x.shape[0]}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias has {bias.shape[0]} entries but weight has N = {weight.shape[0]} rows")
+    for name, tensor in (("weight", weight), ("idx", idx), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put them on one device")
+    check_ids_in_range("idx", idx, weight.shape[0])

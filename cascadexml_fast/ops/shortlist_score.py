@@ -1,0 +1,182 @@
+"""`shortlist_score`: s[b, k] = <x[b], W[idx[b, k]]> + bias[idx[b, k]], with dense or row-sparse gradients.
+
+Kernels: C++/OpenMP on CPU (csrc/cpu, attached by the extension), Triton on CUDA (attached here, imported on
+first use), the reference (ops/reference.py) wherever neither is available. This module adds the fake (meta)
+implementations, the autograd formula and the validated public function.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import _library, reference
+from ._validate import check_shortlist_inputs
+
+shortlist_score_op = _library.op("shortlist_score")
+grad_input_op = _library.op("shortlist_score_grad_input")
+grad_weight_op = _library.op("shortlist_score_grad_weight")
+grad_weight_rows_op = _library.op("shortlist_score_grad_weight_rows")
+
+_QUALIFIED = _library.NAMESPACE + "::"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: Triton kernels, or the reference where Triton is not installed
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels():
+    try:
+        from ..kernels.triton import shortlist_score as kernels
+
+        return kernels
+    except ImportError:
+        return None
+
+
+def _deterministic(flag: bool) -> bool:
+    return flag or torch.are_deterministic_algorithms_enabled()
+
+
+def _forward_cuda(x, weight, bias, idx, sparse_grad=False, deterministic=False):
+    kernels = _cuda_kernels()
+    if kernels is None:
+        return reference.shortlist_score(x, weight, bias, idx)
+    return kernels.shortlist_score(x, weight, bias, idx)
+
+
+def _grad_input_cuda(grad, weight, idx):
+    kernels = _cuda_kernels()
+    if kernels is None:
+        return reference.shortlist_score_grad_input(grad, weight, idx)
+    return kernels.shortlist_score_grad_input(grad, weight, idx)
+
+
+def _grad_weight_cuda(grad, x, idx, num_rows, deterministic=False):
+    kernels = _cuda_kernels()
+    if kernels is None:
+        return reference.shortlist_score_grad_weight(grad, x, idx, num_rows)
+    return kernels.shortlist_score_grad_weight(grad, x, idx, num_rows, deterministic=_deterministic(deterministic))
+
+
+def _grad_weight_rows_cuda(grad, x, idx):
+    kernels = _cuda_kernels()
+    if kernels is None:
+        return reference.shortlist_score_grad_weight_rows(grad, x, idx)
+    return kernels.shortlist_score_grad_weight_rows(grad, x, idx)
+
+
+_library.LIBRARY.impl("shortlist_score", _forward_cuda, "CUDA")
+_library.LIBRARY.impl("shortlist_score_grad_input", _grad_input_cuda, "CUDA")
+_library.LIBRARY.impl("shortlist_score_grad_weight", _grad_weight_cuda, "CUDA")
+_library.LIBRARY.impl("shortlist_score_grad_weight_rows", _grad_weight_rows_cuda, "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor
+
+
+@torch.library.register_fake(_QUALIFIED + "shortlist_score")
+def _forward_fake(x, weight, bias, idx, sparse_grad=False, deterministic=False):
+    return x.new_empty((idx.shape[0], idx.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_input")
+def _grad_input_fake(grad, weight, idx):
+    return grad.new_empty((idx.shape[0], weight.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight")
+def _grad_weight_fake(grad, x, idx, num_rows, deterministic=False):
+    return (
+        x.new_empty((num_rows, x.shape[1]), dtype=torch.float32),
+        x.new_empty((num_rows,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight_rows")
+def _grad_weight_rows_fake(grad, x, idx):
+    unique_rows = torch.library.get_ctx().new_dynamic_size()
+    return (
+        x.new_empty((unique_rows,), dtype=torch.int64),
+        x.new_empty((unique_rows, x.shape[1]), dtype=torch.float32),
+        x.new_empty((unique_rows,), dtype=torch.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autograd
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, idx, sparse_grad, deterministic = inputs
+    ctx.save_for_backward(x, weight, idx)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.sparse_grad = sparse_grad
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad):
+    x, weight, idx = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.bias_dtype is not None
+    dx = dw = db = None
+    if need_x:
+        dx = grad_input_op(grad, weight, idx).to(x.dtype)
+    if need_w or need_b:
+        num_rows = weight.shape[0]
+        if ctx.sparse_grad:
+            rows, w_rows, b_rows = grad_weight_rows_op(grad, x, idx)
+            ids = rows.unsqueeze(0)
+            if need_w:
+                dw = torch.sparse_coo_tensor(
+                    ids, w_rows.to(weight.dtype), (num_rows, weight.shape[1]), is_coalesced=True
+                )
+            if need_b:
+                db = torch.sparse_coo_tensor(ids, b_rows.to(ctx.bias_dtype), (num_rows,), is_coalesced=True)
+        else:
+            dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, ctx.deterministic)
+            dw = dw_full.to(weight.dtype) if need_w else None
+            db = db_full.to(ctx.bias_dtype) if need_b else None
+    return dx, dw, db, None, None, None
+
+
+torch.library.register_autograd(_QUALIFIED + "shortlist_score", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public function
+
+
+def shortlist_score(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    *,
+    sparse_grad: bool = False,
+    deterministic: bool = False,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Scores of shortlisted rows: ``s[b, k] = <x[b], weight[idx[b, k]]> + bias[idx[b, k]]``.
+
+    Args:
+        x: [B, D] features (fp32, bf16 or fp16).
+        weight: [N, D] table (fp32, bf16 or fp16; may differ from x).
+        bias: [N] or None.
+        idx: [B, K] int32 or int64 row ids; -1 is a pad (score -inf, no gradient). Duplicates are allowed.
+        sparse_grad: the gradients of ``weight`` and ``bias`` are coalesced sparse COO tensors holding only the
+            touched rows (as ``nn.Embedding(sparse=True)``), instead of dense [N, D] / [N] tensors.
+        deterministic: bit-identical gradients run to run (always so on CPU; on CUDA it replaces atomics with a
+            sort + segment reduction). ``torch.use_deterministic_algorithms(True)`` has the same effect.
+        validate: check shapes, dtypes, devices and id ranges with clear errors (a device sync on CUDA); switch
+            off in a trusted hot loop. Skipped automatically while ``torch.compile`` traces.
+
+    Returns:
+        [B, K] fp32 scores. Accumulation is fp32 whatever the storage dtypes.
+    """
+    if validate and not torch.compiler.is_compiling():
+        check_shortlist_inputs(x, weight, bias, idx)
+    return shortlist_score_op(x, weight, bias, idx, sparse_grad, deterministic)

@@ -1,0 +1,52 @@
+// Registers the CPU kernels with the `cascadexml_fast` torch library. The op schemas themselves are defined once,
+// in Python (cascadexml_fast/ops/_library.py), so that they exist even when this extension cannot be loaded; here
+// we only attach implementations. The module object is empty apart from two introspection helpers for info().
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/shortlist_score.h"
+
+TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
+  m.impl("shortlist_score", &cxf::shortlist_score_cpu);
+  m.impl("shortlist_score_grad_input", &cxf::shortlist_score_grad_input_cpu);
+  m.impl("shortlist_score_grad_weight", &cxf::shortlist_score_grad_weight_cpu);
+  m.impl("shortlist_score_grad_weight_rows", &cxf::shortlist_score_grad_weight_rows_cpu);
+}
+
+namespace {
+
+// The clone the ifunc resolver picks for CXF_MULTIVERSION functions follows the same tests.
+const char* cpu_isa() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2+fma (x86-64-v3)";
+  return "baseline (x86-64)";
+#else
+  return "baseline (not multiversioned on this compiler/architecture)";
+#endif
+}
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa()); }
+
+PyObject* py_compiler(PyObject*, PyObject*) {
+#if defined(__clang__)
+  return PyUnicode_FromString("clang " __clang_version__);
+#elif defined(__GNUC__)
+  return PyUnicode_FromString("gcc " __VERSION__);
+#else
+  return PyUnicode_FromString("unknown");
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernel clones chosen at load time."},
+    {"compiler", py_compiler, METH_NOARGS, "Compiler that built the extension."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "cascadexml_fast CPU kernels", -1, methods};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,62 @@
+// Argument checks of the CPU ops. The Python layer validates with friendlier messages first (and can be
+// switched off); these stay on because they are cheap next to the kernels and keep bad ids from ever reading
+// outside a table.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace cxf {
+
+inline bool is_float_storage(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_ids(const at::Tensor& idx) {
+  TORCH_CHECK(idx.dim() == 2, "idx must be 2-D [B, K], got shape ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, "idx must be int32 or int64, got ",
+              idx.scalar_type());
+}
+
+// Every id must lie in [-1, num_rows); the message names the first offending value and its position.
+inline void check_ids_in_range(const at::Tensor& idx, int64_t num_rows) {
+  const auto ids = idx.contiguous();
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "check_ids_in_range", [&] {
+    const index_t* p = ids.data_ptr<index_t>();
+    const int64_t n = ids.numel(), K = ids.size(1);
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK_INDEX(p[i] >= -1 && p[i] < num_rows, "idx[", i / K, ", ", i % K, "] = ", int64_t(p[i]),
+                        " is out of range [-1, ", num_rows, ")");
+  });
+}
+
+inline void check_shortlist_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& idx) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [B, D], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, D], got shape ", weight.sizes());
+  check_ids(idx);
+  TORCH_CHECK(is_float_storage(x.scalar_type()), "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(is_float_storage(weight.scalar_type()), "weight must be float32, bfloat16 or float16, got ",
+              weight.scalar_type());
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has D = ", x.size(1), " but weight has D = ", weight.size(1));
+  TORCH_CHECK(idx.size(0) == x.size(0), "idx has B = ", idx.size(0), " rows but x has B = ", x.size(0));
+  TORCH_CHECK(x.device() == weight.device() && x.device() == idx.device(), "x, weight and idx must be on one device");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0),
+                "], got ", bias->sizes());
+    TORCH_CHECK(is_float_storage(bias->scalar_type()), "bias must be float32, bfloat16 or float16, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), "bias must be on the device of x");
+  }
+  check_ids_in_range(idx, weight.size(0));
+}
+
+// grad [B, K] against idx [B, K] and the other operand (`name`, [B or N, D]).
+inline void check_grad_args(const at::Tensor& grad, const at::Tensor& idx, const char* name, const at::Tensor& other) {
+  check_ids(idx);
+  TORCH_CHECK(grad.sizes() == idx.sizes(), "grad must have the shape of idx ", idx.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(other.dim() == 2, name, " must be 2-D, got shape ", other.sizes());
+  TORCH_CHECK(is_float_storage(grad.scalar_type()) || grad.scalar_type() == at::kDouble,
+              "grad must be a floating tensor, got ", grad.scalar_type());
+}
+
+}  // namespace cxf

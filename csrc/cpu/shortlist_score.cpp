@@ -1,0 +1,291 @@
+// CPU kernels of cascadexml_fast::shortlist_score and its gradients.
+//
+//   forward      s[b,k]  = <x[b], W[idx[b,k]]> + bias[idx[b,k]]           (-inf where idx == -1)
+//   grad_input   dx[b]   = sum_k g[b,k] W[idx[b,k]]
+//   grad_weight  dW[r]   = sum_{(b,k): idx[b,k] == r} g[b,k] x[b],  dbias[r] = sum g[b,k]
+//
+// Everything accumulates in fp32 in a fixed order, so results are bit-identical run to run and for any
+// thread count. The weight gradient sorts (row, position) pairs once (stable LSD radix sort) and reduces each
+// row's segment in position order: no atomics, no dense buffer in the row-sparse variant.
+#include "cpu/shortlist_score.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/vec.h"
+
+namespace cxf {
+namespace {
+
+constexpr int64_t kIdsPerTask = 64;   // shortlist entries per forward work item
+constexpr int64_t kDimsPerTask = 256;  // feature columns per grad_input work item
+constexpr int64_t kPrefetchAhead = 2;  // rows prefetched ahead in a shortlist
+
+// ---------------------------------------------------------------------------------------------------------
+// forward
+
+template <class L, class I>
+CXF_MULTIVERSION void score_ids(const float* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
+                                float* out) {
+  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kPrefetchAhead < n && ids[k + kPrefetchAhead] >= 0)
+      prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D, row_bytes);
+    const int64_t id = ids[k];
+    out[k] = id < 0 ? -std::numeric_limits<float>::infinity() : dot<L>(xb, W + id * D, D);
+  }
+}
+
+template <class L, class I>
+void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, at::Tensor& out) {
+  const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
+  const float* x = xf.data_ptr<float>();
+  const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
+  const I* ids = idx.data_ptr<I>();
+  float* o = out.data_ptr<float>();
+  const int64_t blocks = (K + kIdsPerTask - 1) / kIdsPerTask;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / blocks, k0 = (t % blocks) * kIdsPerTask, n = std::min(kIdsPerTask, K - k0);
+      score_ids<L, I>(x + b * D, w, D, ids + b * K + k0, n, o + b * K + k0);
+    }
+  });
+}
+
+template <class I>
+void add_bias(const at::Tensor& bias, const at::Tensor& idx, at::Tensor& out) {
+  const I* ids = idx.data_ptr<I>();
+  float* o = out.data_ptr<float>();
+  const int64_t n = idx.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias.scalar_type(), "shortlist_score_bias", [&] {
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (ids[i] >= 0) o[i] += static_cast<float>(bp[ids[i]]);
+    });
+  });
+}
+
+// Calls fn.template operator()<Loader, Index>() for the table's storage type and the ids' integer type.
+template <class Fn>
+void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn) {
+  auto with_loader = [&](auto loader_tag) {
+    using L = decltype(loader_tag);
+    if (idx.scalar_type() == at::kInt)
+      fn.template operator()<L, int32_t>();
+    else
+      fn.template operator()<L, int64_t>();
+  };
+  switch (W.scalar_type()) {
+    case at::kFloat: with_loader(F32{}); break;
+    case at::kBFloat16: with_loader(BF16{}); break;
+    case at::kHalf: with_loader(F16{}); break;
+    default: TORCH_CHECK(false, "weight: unsupported dtype ", W.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// grad_input
+
+template <class L, class I>
+CXF_MULTIVERSION void accumulate_rows(const float* g, const typename L::T* W, int64_t D, int64_t d0, int64_t dn,
+                                      const I* ids, int64_t K, float* dx) {
+  const int64_t chunk_bytes = dn * int64_t(sizeof(typename L::T));
+  for (int64_t k = 0; k < K; ++k) {
+    if (k + kPrefetchAhead < K && ids[k + kPrefetchAhead] >= 0)
+      prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D + d0, chunk_bytes);
+    if (ids[k] >= 0) axpy<L>(g[k], W + int64_t(ids[k]) * D + d0, dx, dn);
+  }
+}
+
+template <class L, class I>
+void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor& idx, at::Tensor& dx) {
+  const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
+  const float* gp = g.data_ptr<float>();
+  const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
+  const I* ids = idx.data_ptr<I>();
+  float* out = dx.data_ptr<float>();
+  const int64_t chunks = (D + kDimsPerTask - 1) / kDimsPerTask;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / chunks, d0 = (t % chunks) * kDimsPerTask, dn = std::min(kDimsPerTask, D - d0);
+      accumulate_rows<L, I>(gp + b * K, w, D, d0, dn, ids + b * K, K, out + b * D + d0);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// grad_weight: sort once, reduce per row
+
+// Non-pad entries grouped by row id: rows[u] is the u-th distinct id (ascending); the positions (b*K + k) of
+// its entries are order[starts[u] .. starts[u+1]) in ascending position order.
+struct RowSegments {
+  std::vector<int64_t> rows;
+  std::vector<int64_t> starts;
+  std::vector<int64_t> order;
+};
+
+template <class I>
+RowSegments group_by_row(const I* ids, int64_t n, int64_t num_rows) {
+  std::vector<int64_t> keys, pos;
+  keys.reserve(n);
+  pos.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] >= 0) {
+      keys.push_back(ids[i]);
+      pos.push_back(i);
+    }
+  // Stable LSD radix sort on the row id, 11 bits a pass: as many passes as num_rows needs (2 up to 4M rows).
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t(1) << kBits;
+  int passes = 0;
+  for (int64_t r = std::max<int64_t>(num_rows - 1, 1); r > 0; r >>= kBits) ++passes;
+  const int64_t m = int64_t(keys.size());
+  std::vector<int64_t> keys2(m), pos2(m), count(kBuckets);
+  for (int p = 0; p < passes; ++p) {
+    const int shift = p * kBits;
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < m; ++i) ++count[(keys[i] >> shift) & (kBuckets - 1)];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t here = c;
+      c = sum;
+      sum += here;
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t dst = count[(keys[i] >> shift) & (kBuckets - 1)]++;
+      keys2[dst] = keys[i];
+      pos2[dst] = pos[i];
+    }
+    keys.swap(keys2);
+    pos.swap(pos2);
+  }
+  RowSegments seg;
+  seg.order = std::move(pos);
+  for (int64_t i = 0; i < m; ++i)
+    if (i == 0 || keys[i] != keys[i - 1]) {
+      seg.rows.push_back(keys[i]);
+      seg.starts.push_back(i);
+    }
+  seg.starts.push_back(m);
+  return seg;
+}
+
+CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const float* g, const float* x, int64_t K,
+                                     int64_t D, float* dw_row, float* db) {
+  float bias_sum = 0.f;
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t p = order[e];
+    const float gv = g[p];
+    axpy<F32>(gv, x + (p / K) * D, dw_row, D);
+    bias_sum += gv;
+  }
+  *db = bias_sum;
+}
+
+// Reduces every segment into out_rows[slot(u)] (a zeroed [*, D] fp32 buffer) and out_bias[slot(u)].
+template <class Slot>
+void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K, float* out_rows,
+                     float* out_bias, Slot slot) {
+  const int64_t U = int64_t(seg.rows.size()), D = xf.size(1);
+  const float* gp = g.data_ptr<float>();
+  const float* x = xf.data_ptr<float>();
+  at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t s = slot(u);
+      reduce_segment(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D,
+                     out_rows + s * D, out_bias + s);
+    }
+  });
+}
+
+template <class Fn>
+void dispatch_ids(const at::Tensor& idx, Fn&& fn) {
+  if (idx.scalar_type() == at::kInt)
+    fn.template operator()<int32_t>();
+  else
+    fn.template operator()<int64_t>();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// ops
+
+at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& idx, bool /*sparse_grad*/, bool /*deterministic*/) {
+  check_shortlist_args(x, weight, bias, idx);
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto W = weight.contiguous();
+  const auto ids = idx.contiguous();
+  auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xf, W, ids, out); });
+  if (bias.has_value() && bias->defined())
+    dispatch_ids(ids, [&]<class I>() { add_bias<I>(bias->contiguous(), ids, out); });
+  return out;
+}
+
+at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& idx) {
+  check_grad_args(grad, idx, "weight", weight);
+  check_ids_in_range(idx, weight.size(0));
+  const auto g = grad.to(at::kFloat).contiguous();
+  const auto W = weight.contiguous();
+  const auto ids = idx.contiguous();
+  auto dx = at::zeros({idx.size(0), weight.size(1)}, grad.options().dtype(at::kFloat));
+  if (dx.numel() == 0 || idx.size(1) == 0) return dx;
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { grad_input_impl<L, I>(g, W, ids, dx); });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& idx, int64_t num_rows,
+                                                                   bool /*deterministic: always*/) {
+  check_grad_args(grad, idx, "x", x);
+  TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  check_ids_in_range(idx, num_rows);
+  const auto g = grad.to(at::kFloat).contiguous();
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto ids = idx.contiguous();
+  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(at::kFloat));
+  auto db = at::zeros({num_rows}, x.options().dtype(at::kFloat));
+  if (ids.numel() == 0) return {dw, db};
+  dispatch_ids(ids, [&]<class I>() {
+    const auto seg = group_by_row<I>(ids.data_ptr<I>(), ids.numel(), num_rows);
+    reduce_segments(seg, g, xf, ids.size(1), dw.data_ptr<float>(), db.data_ptr<float>(),
+                    [&](int64_t u) { return seg.rows[u]; });
+  });
+  return {dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(const at::Tensor& grad,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& idx) {
+  check_grad_args(grad, idx, "x", x);
+  check_ids_in_range(idx, std::numeric_limits<int64_t>::max());
+  const auto g = grad.to(at::kFloat).contiguous();
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto ids = idx.contiguous();
+  const auto options = x.options().dtype(at::kFloat);
+  at::Tensor rows, dw, db;
+  dispatch_ids(ids, [&]<class I>() {
+    const I* p = ids.data_ptr<I>();
+    int64_t max_id = -1;
+    for (int64_t i = 0; i < ids.numel(); ++i) max_id = std::max<int64_t>(max_id, p[i]);
+    const auto seg = group_by_row<I>(p, ids.numel(), max_id + 1);
+    const int64_t U = int64_t(seg.rows.size());
+    rows = at::empty({U}, options.dtype(at::kLong));
+    std::copy(seg.rows.begin(), seg.rows.end(), rows.data_ptr<int64_t>());
+    dw = at::zeros({U, x.size(1)}, options);
+    db = at::zeros({U}, options);
+    reduce_segments(seg, g, xf, ids.size(1), dw.data_ptr<float>(), db.data_ptr<float>(), [](int64_t u) { return u; });
+  });
+  return {rows, dw, db};
+}
+
+}  // namespace cxf

@@ -1,0 +1,22 @@
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace cxf {
+
+at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& idx, bool sparse_grad, bool deterministic);
+
+at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& idx);
+
+std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& idx, int64_t num_rows,
+                                                                   bool deterministic);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(const at::Tensor& grad,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& idx);
+
+}  // namespace cxf

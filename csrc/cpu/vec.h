@@ -1,0 +1,90 @@
+// Element loaders and vectorisable inner loops shared by the CPU kernels.
+//
+// One portable build: hot functions carry CXF_MULTIVERSION, which makes GCC emit an AVX-512 (x86-64-v4), an
+// AVX2+FMA (x86-64-v3) and a baseline clone and pick one at load time (ifunc). The inline helpers below have no
+// target of their own, so they are inlined into (and vectorised for) whichever clone calls them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CXF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CXF_MULTIVERSION
+#endif
+
+namespace cxf {
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// Storage-type tags: `T` is the raw element type, `load` widens one element to fp32. All three are branch-free
+// integer/float code so that GCC vectorises loops over them.
+struct F32 {
+  using T = float;
+  static inline float load(const T* p, int64_t i) { return p[i]; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static inline float load(const T* p, int64_t i) { return bits_to_float(uint32_t(p[i]) << 16); }
+};
+
+struct F16 {
+  using T = uint16_t;
+  // IEEE half -> float without F16C: shift exponent+mantissa into place and rebias by multiplying with 2^112
+  // (this also scales subnormals right); inf/NaN get the all-ones exponent back; the sign is OR-ed in last.
+  static inline float load(const T* p, int64_t i) {
+    const uint32_t h = p[i];
+    const uint32_t magnitude = h & 0x7fffu;
+    uint32_t bits = float_to_bits(bits_to_float(magnitude << 13) * 0x1.0p+112f);
+    bits |= magnitude >= 0x7c00u ? 0x7f800000u : 0u;
+    return bits_to_float(bits | ((h & 0x8000u) << 16));
+  }
+};
+
+// Lanes of independent partial sums: breaks the FMA latency chain (4 vectors of 8 on AVX2, 2 of 16 on
+// AVX-512). The summation order is fixed, so results do not depend on threads or on the ISA chosen... except
+// for FMA contraction, which the baseline clone lacks; every clone is exact to fp32 rounding of its own order.
+constexpr int64_t kLanes = 32;
+
+template <class L>
+inline float dot(const float* __restrict x, const typename L::T* __restrict w, int64_t D) {
+  float lanes[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= D; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j] * L::load(w, i + j);
+  }
+  float acc = 0.f;
+  for (; i < D; ++i) acc += x[i] * L::load(w, i);
+  float total = 0.f;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total + acc;
+}
+
+// acc[0:D] += a * w[0:D]
+template <class L>
+inline void axpy(float a, const typename L::T* __restrict w, float* __restrict acc, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) acc[i] += a * L::load(w, i);
+}
+
+// Brings a table row into cache ahead of use: shortlists jump between rows, so the hardware prefetcher only
+// starts after the first lines of each row have missed.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+}  // namespace cxf
