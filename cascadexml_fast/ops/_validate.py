@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted and computed in float64 throughout (for gradcheck); it is not a fast path.
+FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 
 

@@ -27,7 +27,7 @@ _QUALIFIED = _library.NAMESPACE + "::"
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels():
+def _triton_kernels():
     try:
         from ..kernels.triton import shortlist_score as kernels
 
@@ -36,33 +36,40 @@ def _cuda_kernels():
         return None
 
 
+def _cuda_kernels(*tensors):
+    """The Triton kernels, or None where Triton is missing or an input is float64 (the reference serves it)."""
+    if any(t.dtype == torch.float64 for t in tensors if t is not None):
+        return None
+    return _triton_kernels()
+
+
 def _deterministic(flag: bool) -> bool:
     return flag or torch.are_deterministic_algorithms_enabled()
 
 
 def _forward_cuda(x, weight, bias, idx, sparse_grad=False, deterministic=False):
-    kernels = _cuda_kernels()
+    kernels = _cuda_kernels(x, weight, bias)
     if kernels is None:
         return reference.shortlist_score(x, weight, bias, idx)
     return kernels.shortlist_score(x, weight, bias, idx)
 
 
 def _grad_input_cuda(grad, weight, idx):
-    kernels = _cuda_kernels()
+    kernels = _cuda_kernels(grad, weight)
     if kernels is None:
         return reference.shortlist_score_grad_input(grad, weight, idx)
     return kernels.shortlist_score_grad_input(grad, weight, idx)
 
 
 def _grad_weight_cuda(grad, x, idx, num_rows, deterministic=False):
-    kernels = _cuda_kernels()
+    kernels = _cuda_kernels(grad, x)
     if kernels is None:
         return reference.shortlist_score_grad_weight(grad, x, idx, num_rows)
     return kernels.shortlist_score_grad_weight(grad, x, idx, num_rows, deterministic=_deterministic(deterministic))
 
 
 def _grad_weight_rows_cuda(grad, x, idx):
-    kernels = _cuda_kernels()
+    kernels = _cuda_kernels(grad, x)
     if kernels is None:
         return reference.shortlist_score_grad_weight_rows(grad, x, idx)
     return kernels.shortlist_score_grad_weight_rows(grad, x, idx)
@@ -78,31 +85,35 @@ _library.LIBRARY.impl("shortlist_score_grad_weight_rows", _grad_weight_rows_cuda
 # fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor
 
 
+def _acc_dtype(*tensors):
+    """fp32, or float64 when an input is float64 (the kernels' rule)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 @torch.library.register_fake(_QUALIFIED + "shortlist_score")
 def _forward_fake(x, weight, bias, idx, sparse_grad=False, deterministic=False):
-    return x.new_empty((idx.shape[0], idx.shape[1]), dtype=torch.float32)
+    return x.new_empty((idx.shape[0], idx.shape[1]), dtype=_acc_dtype(x, weight))
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_input")
 def _grad_input_fake(grad, weight, idx):
-    return grad.new_empty((idx.shape[0], weight.shape[1]), dtype=torch.float32)
+    return grad.new_empty((idx.shape[0], weight.shape[1]), dtype=_acc_dtype(grad, weight))
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight")
 def _grad_weight_fake(grad, x, idx, num_rows, deterministic=False):
-    return (
-        x.new_empty((num_rows, x.shape[1]), dtype=torch.float32),
-        x.new_empty((num_rows,), dtype=torch.float32),
-    )
+    dtype = _acc_dtype(grad, x)
+    return x.new_empty((num_rows, x.shape[1]), dtype=dtype), x.new_empty((num_rows,), dtype=dtype)
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight_rows")
 def _grad_weight_rows_fake(grad, x, idx):
     unique_rows = torch.library.get_ctx().new_dynamic_size()
+    dtype = _acc_dtype(grad, x)
     return (
         x.new_empty((unique_rows,), dtype=torch.int64),
-        x.new_empty((unique_rows, x.shape[1]), dtype=torch.float32),
-        x.new_empty((unique_rows,), dtype=torch.float32),
+        x.new_empty((unique_rows, x.shape[1]), dtype=dtype),
+        x.new_empty((unique_rows,), dtype=dtype),
     )
 
 
@@ -118,6 +129,13 @@ def _setup_context(ctx, inputs, output):
     ctx.deterministic = deterministic
 
 
+def _coalesced(ids, values, size):
+    # The kernels return unique ascending row ids, so the tensor is coalesced by construction; skipping the
+    # invariant check avoids a pass over the ids. (AccumulateGrad drops the flag when it stores .grad, as it does
+    # for nn.Embedding(sparse=True); the contents stay unique and sorted.)
+    return torch.sparse_coo_tensor(ids, values, size, is_coalesced=True, check_invariants=False)
+
+
 def _backward(ctx, grad):
     x, weight, idx = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -131,11 +149,9 @@ def _backward(ctx, grad):
             rows, w_rows, b_rows = grad_weight_rows_op(grad, x, idx)
             ids = rows.unsqueeze(0)
             if need_w:
-                dw = torch.sparse_coo_tensor(
-                    ids, w_rows.to(weight.dtype), (num_rows, weight.shape[1]), is_coalesced=True
-                )
+                dw = _coalesced(ids, w_rows.to(weight.dtype), (num_rows, weight.shape[1]))
             if need_b:
-                db = torch.sparse_coo_tensor(ids, b_rows.to(ctx.bias_dtype), (num_rows,), is_coalesced=True)
+                db = _coalesced(ids, b_rows.to(ctx.bias_dtype), (num_rows,))
         else:
             dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, ctx.deterministic)
             dw = dw_full.to(weight.dtype) if need_w else None
@@ -163,8 +179,8 @@ def shortlist_score(
     """Scores of shortlisted rows: ``s[b, k] = <x[b], weight[idx[b, k]]> + bias[idx[b, k]]``.
 
     Args:
-        x: [B, D] features (fp32, bf16 or fp16).
-        weight: [N, D] table (fp32, bf16 or fp16; may differ from x).
+        x: [B, D] features (fp32, bf16 or fp16; float64 for gradcheck).
+        weight: [N, D] table (fp32, bf16 or fp16; may differ from x; float64 for gradcheck).
         bias: [N] or None.
         idx: [B, K] int32 or int64 row ids; -1 is a pad (score -inf, no gradient). Duplicates are allowed.
         sparse_grad: the gradients of ``weight`` and ``bias`` are coalesced sparse COO tensors holding only the
@@ -175,7 +191,8 @@ def shortlist_score(
             off in a trusted hot loop. Skipped automatically while ``torch.compile`` traces.
 
     Returns:
-        [B, K] fp32 scores. Accumulation is fp32 whatever the storage dtypes.
+        [B, K] fp32 scores. Accumulation is fp32 whatever the storage dtypes (float64 inputs, meant for
+        gradcheck, compute and return float64).
     """
     if validate and not torch.compiler.is_compiling():
         check_shortlist_inputs(x, weight, bias, idx)

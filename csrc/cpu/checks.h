@@ -7,8 +7,9 @@
 
 namespace cxf {
 
+// float64 is accepted too: it computes in float64 throughout (for gradcheck).
 inline bool is_float_storage(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
 inline void check_ids(const at::Tensor& idx) {
@@ -34,8 +35,8 @@ inline void check_shortlist_args(const at::Tensor& x, const at::Tensor& weight, 
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [B, D], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, D], got shape ", weight.sizes());
   check_ids(idx);
-  TORCH_CHECK(is_float_storage(x.scalar_type()), "x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(is_float_storage(weight.scalar_type()), "weight must be float32, bfloat16 or float16, got ",
+  TORCH_CHECK(is_float_storage(x.scalar_type()), "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  TORCH_CHECK(is_float_storage(weight.scalar_type()), "weight must be float32, bfloat16, float16 or float64, got ",
               weight.scalar_type());
   TORCH_CHECK(x.size(1) == weight.size(1), "x has D = ", x.size(1), " but weight has D = ", weight.size(1));
   TORCH_CHECK(idx.size(0) == x.size(0), "idx has B = ", idx.size(0), " rows but x has B = ", x.size(0));
@@ -43,7 +44,7 @@ inline void check_shortlist_args(const at::Tensor& x, const at::Tensor& weight, 
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0),
                 "], got ", bias->sizes());
-    TORCH_CHECK(is_float_storage(bias->scalar_type()), "bias must be float32, bfloat16 or float16, got ",
+    TORCH_CHECK(is_float_storage(bias->scalar_type()), "bias must be float32, bfloat16, float16 or float64, got ",
                 bias->scalar_type());
     TORCH_CHECK(bias->device() == x.device(), "bias must be on the device of x");
   }
@@ -55,8 +56,7 @@ inline void check_grad_args(const at::Tensor& grad, const at::Tensor& idx, const
   check_ids(idx);
   TORCH_CHECK(grad.sizes() == idx.sizes(), "grad must have the shape of idx ", idx.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(other.dim() == 2, name, " must be 2-D, got shape ", other.sizes());
-  TORCH_CHECK(is_float_storage(grad.scalar_type()) || grad.scalar_type() == at::kDouble,
-              "grad must be a floating tensor, got ", grad.scalar_type());
+  TORCH_CHECK(is_float_storage(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
 }
 
 }  // namespace cxf

@@ -4,8 +4,8 @@
 //   grad_input   dx[b]   = sum_k g[b,k] W[idx[b,k]]
 //   grad_weight  dW[r]   = sum_{(b,k): idx[b,k] == r} g[b,k] x[b],  dbias[r] = sum g[b,k]
 //
-// Everything accumulates in fp32 in a fixed order, so results are bit-identical run to run and for any
-// thread count. The weight gradient sorts (row, position) pairs once (stable LSD radix sort) and reduces each
+// Everything accumulates in fp32 (float64 when an input is float64, for gradcheck) in a fixed order, so
+// results are bit-identical run to run and for any thread count. The weight gradient sorts (row, position) pairs once (stable LSD radix sort) and reduces each
 // row's segment in position order: no atomics, no dense buffer in the row-sparse variant.
 #include "cpu/shortlist_score.h"
 
@@ -30,24 +30,25 @@ constexpr int64_t kPrefetchAhead = 2;  // rows prefetched ahead in a shortlist
 // forward
 
 template <class L, class I>
-CXF_MULTIVERSION void score_ids(const float* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
-                                float* out) {
+CXF_MULTIVERSION void score_ids(const typename L::A* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
+                                typename L::A* out) {
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < n; ++k) {
     if (k + kPrefetchAhead < n && ids[k + kPrefetchAhead] >= 0)
       prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D, row_bytes);
     const int64_t id = ids[k];
-    out[k] = id < 0 ? -std::numeric_limits<float>::infinity() : dot<L>(xb, W + id * D, D);
+    out[k] = id < 0 ? -std::numeric_limits<typename L::A>::infinity() : dot<L>(xb, W + id * D, D);
   }
 }
 
 template <class L, class I>
 void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, at::Tensor& out) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
-  const float* x = xf.data_ptr<float>();
+  using A = typename L::A;
+  const A* x = xf.data_ptr<A>();
   const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
   const I* ids = idx.data_ptr<I>();
-  float* o = out.data_ptr<float>();
+  A* o = out.data_ptr<A>();
   const int64_t blocks = (K + kIdsPerTask - 1) / kIdsPerTask;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -57,16 +58,16 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
   });
 }
 
-template <class I>
+template <class A, class I>
 void add_bias(const at::Tensor& bias, const at::Tensor& idx, at::Tensor& out) {
   const I* ids = idx.data_ptr<I>();
-  float* o = out.data_ptr<float>();
+  A* o = out.data_ptr<A>();
   const int64_t n = idx.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias.scalar_type(), "shortlist_score_bias", [&] {
     const scalar_t* bp = bias.data_ptr<scalar_t>();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        if (ids[i] >= 0) o[i] += static_cast<float>(bp[ids[i]]);
+        if (ids[i] >= 0) o[i] += static_cast<A>(bp[ids[i]]);
     });
   });
 }
@@ -85,6 +86,7 @@ void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn)
     case at::kFloat: with_loader(F32{}); break;
     case at::kBFloat16: with_loader(BF16{}); break;
     case at::kHalf: with_loader(F16{}); break;
+    case at::kDouble: with_loader(F64{}); break;
     default: TORCH_CHECK(false, "weight: unsupported dtype ", W.scalar_type());
   }
 }
@@ -93,8 +95,8 @@ void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn)
 // grad_input
 
 template <class L, class I>
-CXF_MULTIVERSION void accumulate_rows(const float* g, const typename L::T* W, int64_t D, int64_t d0, int64_t dn,
-                                      const I* ids, int64_t K, float* dx) {
+CXF_MULTIVERSION void accumulate_rows(const typename L::A* g, const typename L::T* W, int64_t D, int64_t d0,
+                                      int64_t dn, const I* ids, int64_t K, typename L::A* dx) {
   const int64_t chunk_bytes = dn * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < K; ++k) {
     if (k + kPrefetchAhead < K && ids[k + kPrefetchAhead] >= 0)
@@ -106,10 +108,11 @@ CXF_MULTIVERSION void accumulate_rows(const float* g, const typename L::T* W, in
 template <class L, class I>
 void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor& idx, at::Tensor& dx) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
-  const float* gp = g.data_ptr<float>();
+  using A = typename L::A;
+  const A* gp = g.data_ptr<A>();
   const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
   const I* ids = idx.data_ptr<I>();
-  float* out = dx.data_ptr<float>();
+  A* out = dx.data_ptr<A>();
   const int64_t chunks = (D + kDimsPerTask - 1) / kDimsPerTask;
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -176,29 +179,33 @@ RowSegments group_by_row(const I* ids, int64_t n, int64_t num_rows) {
   return seg;
 }
 
-CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const float* g, const float* x, int64_t K,
-                                     int64_t D, float* dw_row, float* db) {
-  float bias_sum = 0.f;
+template <class L>
+CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const typename L::A* g,
+                                     const typename L::A* x, int64_t K, int64_t D, typename L::A* dw_row,
+                                     typename L::A* db) {
+  typename L::A bias_sum = 0;
   for (int64_t e = 0; e < count; ++e) {
     const int64_t p = order[e];
-    const float gv = g[p];
-    axpy<F32>(gv, x + (p / K) * D, dw_row, D);
+    const auto gv = g[p];
+    axpy<L>(gv, x + (p / K) * D, dw_row, D);
     bias_sum += gv;
   }
   *db = bias_sum;
 }
 
 // Reduces every segment into out_rows[slot(u)] (a zeroed [*, D] fp32 buffer) and out_bias[slot(u)].
-template <class Slot>
-void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K, float* out_rows,
-                     float* out_bias, Slot slot) {
+// g and xf hold the accumulation type of L (float or double).
+template <class L, class Slot>
+void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K,
+                     typename L::A* out_rows, typename L::A* out_bias, Slot slot) {
+  using A = typename L::A;
   const int64_t U = int64_t(seg.rows.size()), D = xf.size(1);
-  const float* gp = g.data_ptr<float>();
-  const float* x = xf.data_ptr<float>();
+  const A* gp = g.data_ptr<A>();
+  const A* x = xf.data_ptr<A>();
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t s = slot(u);
-      reduce_segment(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D,
+      reduce_segment<L>(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D,
                      out_rows + s * D, out_bias + s);
     }
   });
@@ -217,27 +224,48 @@ void dispatch_ids(const at::Tensor& idx, Fn&& fn) {
 // ---------------------------------------------------------------------------------------------------------
 // ops
 
+// fp32 accumulation and output, or float64 for all when any floating input is float64 (gradcheck).
+static at::ScalarType acc_type(std::initializer_list<at::ScalarType> types) {
+  for (auto t : types)
+    if (t == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+// Calls fn.template operator()<F32 or F64>() for an accumulation type.
+template <class Fn>
+static void dispatch_acc(at::ScalarType acc, Fn&& fn) {
+  if (acc == at::kDouble)
+    fn.template operator()<F64>();
+  else
+    fn.template operator()<F32>();
+}
+
 at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                const at::Tensor& idx, bool /*sparse_grad*/, bool /*deterministic*/) {
   check_shortlist_args(x, weight, bias, idx);
-  const auto xf = x.to(at::kFloat).contiguous();
-  const auto W = weight.contiguous();
+  const auto acc = acc_type({x.scalar_type(), weight.scalar_type()});
+  const auto xa = x.to(acc).contiguous();
+  // A float64 x with a low-precision table (or the reverse) computes in float64 on a float64 copy of the table.
+  const auto W = (acc == at::kDouble ? weight.to(acc) : weight).contiguous();
   const auto ids = idx.contiguous();
-  auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(at::kFloat));
+  auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(acc));
   if (out.numel() == 0) return out;
-  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xf, W, ids, out); });
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xa, W, ids, out); });
   if (bias.has_value() && bias->defined())
-    dispatch_ids(ids, [&]<class I>() { add_bias<I>(bias->contiguous(), ids, out); });
+    dispatch_ids(ids, [&]<class I>() {
+      dispatch_acc(acc, [&]<class L>() { add_bias<typename L::A, I>(bias->contiguous(), ids, out); });
+    });
   return out;
 }
 
 at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& idx) {
   check_grad_args(grad, idx, "weight", weight);
   check_ids_in_range(idx, weight.size(0));
-  const auto g = grad.to(at::kFloat).contiguous();
-  const auto W = weight.contiguous();
+  const auto acc = acc_type({grad.scalar_type(), weight.scalar_type()});
+  const auto g = grad.to(acc).contiguous();
+  const auto W = (acc == at::kDouble ? weight.to(acc) : weight).contiguous();
   const auto ids = idx.contiguous();
-  auto dx = at::zeros({idx.size(0), weight.size(1)}, grad.options().dtype(at::kFloat));
+  auto dx = at::zeros({idx.size(0), weight.size(1)}, grad.options().dtype(acc));
   if (dx.numel() == 0 || idx.size(1) == 0) return dx;
   dispatch_table_and_ids(W, ids, [&]<class L, class I>() { grad_input_impl<L, I>(g, W, ids, dx); });
   return dx;
@@ -249,16 +277,20 @@ std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Ten
   check_grad_args(grad, idx, "x", x);
   TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
   check_ids_in_range(idx, num_rows);
-  const auto g = grad.to(at::kFloat).contiguous();
-  const auto xf = x.to(at::kFloat).contiguous();
+  const auto acc = acc_type({grad.scalar_type(), x.scalar_type()});
+  const auto g = grad.to(acc).contiguous();
+  const auto xa = x.to(acc).contiguous();
   const auto ids = idx.contiguous();
-  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(at::kFloat));
-  auto db = at::zeros({num_rows}, x.options().dtype(at::kFloat));
+  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(acc));
+  auto db = at::zeros({num_rows}, x.options().dtype(acc));
   if (ids.numel() == 0) return {dw, db};
   dispatch_ids(ids, [&]<class I>() {
     const auto seg = group_by_row<I>(ids.data_ptr<I>(), ids.numel(), num_rows);
-    reduce_segments(seg, g, xf, ids.size(1), dw.data_ptr<float>(), db.data_ptr<float>(),
-                    [&](int64_t u) { return seg.rows[u]; });
+    dispatch_acc(acc, [&]<class L>() {
+      using A = typename L::A;
+      reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<A>(), db.data_ptr<A>(),
+                         [&](int64_t u) { return seg.rows[u]; });
+    });
   });
   return {dw, db};
 }
@@ -268,10 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_
                                                                                     const at::Tensor& idx) {
   check_grad_args(grad, idx, "x", x);
   check_ids_in_range(idx, std::numeric_limits<int64_t>::max());
-  const auto g = grad.to(at::kFloat).contiguous();
-  const auto xf = x.to(at::kFloat).contiguous();
+  const auto acc = acc_type({grad.scalar_type(), x.scalar_type()});
+  const auto g = grad.to(acc).contiguous();
+  const auto xa = x.to(acc).contiguous();
   const auto ids = idx.contiguous();
-  const auto options = x.options().dtype(at::kFloat);
+  const auto options = x.options().dtype(acc);
   at::Tensor rows, dw, db;
   dispatch_ids(ids, [&]<class I>() {
     const I* p = ids.data_ptr<I>();
@@ -283,7 +316,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_
     std::copy(seg.rows.begin(), seg.rows.end(), rows.data_ptr<int64_t>());
     dw = at::zeros({U, x.size(1)}, options);
     db = at::zeros({U}, options);
-    reduce_segments(seg, g, xf, ids.size(1), dw.data_ptr<float>(), db.data_ptr<float>(), [](int64_t u) { return u; });
+    dispatch_acc(acc, [&]<class L>() {
+      using A = typename L::A;
+      reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<A>(), db.data_ptr<A>(), [](int64_t u) { return u; });
+    });
   });
   return {rows, dw, db};
 }

@@ -28,20 +28,30 @@ inline uint32_t float_to_bits(float f) {
   return bits;
 }
 
-// Storage-type tags: `T` is the raw element type, `load` widens one element to fp32. All three are branch-free
-// integer/float code so that GCC vectorises loops over them.
+// Storage-type tags: `T` is the raw element type, `A` the accumulation type, `load` widens one element to A.
+// The loads are branch-free integer/float code so that GCC vectorises loops over them. float64 exists for
+// gradcheck; everything else accumulates in fp32.
+struct F64 {
+  using T = double;
+  using A = double;
+  static inline double load(const T* p, int64_t i) { return p[i]; }
+};
+
 struct F32 {
   using T = float;
+  using A = float;
   static inline float load(const T* p, int64_t i) { return p[i]; }
 };
 
 struct BF16 {
   using T = uint16_t;
+  using A = float;
   static inline float load(const T* p, int64_t i) { return bits_to_float(uint32_t(p[i]) << 16); }
 };
 
 struct F16 {
   using T = uint16_t;
+  using A = float;
   // IEEE half -> float without F16C: shift exponent+mantissa into place and rebias by multiplying with 2^112
   // (this also scales subnormals right); inf/NaN get the all-ones exponent back; the sign is OR-ed in last.
   static inline float load(const T* p, int64_t i) {
@@ -53,29 +63,30 @@ struct F16 {
   }
 };
 
-// Lanes of independent partial sums: breaks the FMA latency chain (4 vectors of 8 on AVX2, 2 of 16 on
-// AVX-512). The summation order is fixed, so results do not depend on threads or on the ISA chosen... except
-// for FMA contraction, which the baseline clone lacks; every clone is exact to fp32 rounding of its own order.
+// 32 independent partial sums break the FMA latency chain (4 vectors of 8 on AVX2). The summation order is
+// fixed, so a result does not depend on the thread count; it may differ in the last bit between CPUs whose
+// clones differ in FMA contraction.
 constexpr int64_t kLanes = 32;
 
 template <class L>
-inline float dot(const float* __restrict x, const typename L::T* __restrict w, int64_t D) {
-  float lanes[kLanes] = {0.f};
+inline typename L::A dot(const typename L::A* __restrict x, const typename L::T* __restrict w, int64_t D) {
+  using A = typename L::A;
+  A lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= D; i += kLanes) {
 #pragma omp simd
     for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[i + j] * L::load(w, i + j);
   }
-  float acc = 0.f;
-  for (; i < D; ++i) acc += x[i] * L::load(w, i);
-  float total = 0.f;
+  A tail = 0;
+  for (; i < D; ++i) tail += x[i] * L::load(w, i);
+  A total = 0;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  return total + acc;
+  return total + tail;
 }
 
 // acc[0:D] += a * w[0:D]
 template <class L>
-inline void axpy(float a, const typename L::T* __restrict w, float* __restrict acc, int64_t D) {
+inline void axpy(typename L::A a, const typename L::T* __restrict w, typename L::A* __restrict acc, int64_t D) {
 #pragma omp simd
   for (int64_t i = 0; i < D; ++i) acc[i] += a * L::load(w, i);
 }
