@@ -1,5 +1,8 @@
-"""Ops: one module per op (schema in _library, kernels dispatched by device, fake impl, autograd)."""
-from . import reference
-from .shortlist_score import shortlist_score
+"""Ops: one module per op (schema in _library, kernels dispatched by device, fake impl, autograd).
+
+Modules are named after their op (`ops.shortlist_score` is the module; the function is
+`cascadexml_fast.shortlist_score`).
+"""
+from . import reference, shortlist_score
 
 __all__ = ["reference", "shortlist_score"]

@@ -252,7 +252,9 @@ def shortlist_score(
     B, D = x.shape
     K = idx.shape[1]
     if idx.shape[0] != B or weight.shape[1] != D:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, idx {tuple(idx.shape)}")
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, idx {tuple(idx.shape)}"
+        )
     out = torch.empty(B, K, dtype=torch.float32, device=x.device)
     if B == 0 or K == 0:
         return out
