@@ -183,8 +183,11 @@ template <class L>
 CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const typename L::A* g,
                                      const typename L::A* x, int64_t K, int64_t D, typename L::A* dw_row,
                                      typename L::A* db) {
-  typename L::A bias_sum = 0;
-  for (int64_t e = 0; e < count; ++e) {
+  // The first entry is stored, not added, so the output rows need no zero-fill (count >= 1 always).
+  const int64_t first = order[0];
+  typename L::A bias_sum = g[first];
+  scale<L>(bias_sum, x + (first / K) * D, dw_row, D);
+  for (int64_t e = 1; e < count; ++e) {
     const int64_t p = order[e];
     const auto gv = g[p];
     axpy<L>(gv, x + (p / K) * D, dw_row, D);
@@ -193,7 +196,8 @@ CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const 
   *db = bias_sum;
 }
 
-// Reduces every segment into out_rows[slot(u)] (a zeroed [*, D] fp32 buffer) and out_bias[slot(u)].
+// Reduces every segment into out_rows[slot(u)] (a [*, D] buffer of the accumulation type) and out_bias[slot(u)];
+// both are overwritten, so they need no initialisation.
 // g and xf hold the accumulation type of L (float or double).
 template <class L, class Slot>
 void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K,
@@ -314,8 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_
     const int64_t U = int64_t(seg.rows.size());
     rows = at::empty({U}, options.dtype(at::kLong));
     std::copy(seg.rows.begin(), seg.rows.end(), rows.data_ptr<int64_t>());
-    dw = at::zeros({U, x.size(1)}, options);
-    db = at::zeros({U}, options);
+    dw = at::empty({U, x.size(1)}, options);
+    db = at::empty({U}, options);
     dispatch_acc(acc, [&]<class L>() {
       using A = typename L::A;
       reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<A>(), db.data_ptr<A>(), [](int64_t u) { return u; });

@@ -91,6 +91,13 @@ inline void axpy(typename L::A a, const typename L::T* __restrict w, typename L:
   for (int64_t i = 0; i < D; ++i) acc[i] += a * L::load(w, i);
 }
 
+// out[0:D] = a * w[0:D]
+template <class L>
+inline void scale(typename L::A a, const typename L::T* __restrict w, typename L::A* __restrict out, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) out[i] = a * L::load(w, i);
+}
+
 // Brings a table row into cache ahead of use: shortlists jump between rows, so the hardware prefetcher only
 // starts after the first lines of each row have missed.
 inline void prefetch_row(const void* row, int64_t bytes) {
