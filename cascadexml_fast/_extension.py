@@ -17,10 +17,15 @@ FALLBACKS = {
         x, w, b, idx
     ),
     "shortlist_score_grad_input": reference.shortlist_score_grad_input,
-    "shortlist_score_grad_weight": lambda g, x, idx, n, deterministic=False: reference.shortlist_score_grad_weight(
-        g, x, idx, n
+    "shortlist_score_grad_weight": lambda g, x, idx, n, deterministic=False, dtype=None: (
+        reference.shortlist_score_grad_weight(g, x, idx, n, dtype)
     ),
     "shortlist_score_grad_weight_rows": reference.shortlist_score_grad_weight_rows,
+    "topk": reference.topk,
+    "block_score": reference.block_score,
+    "cascade_search": lambda f, w, b, o, beams, widths, k, combine="leaf": reference.cascade_search(
+        f, w, b, o, beams, k, combine, widths
+    ),
 }
 
 module = None  # the loaded cascadexml_fast._C, or None

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/search.h"
 #include "cpu/shortlist_score.h"
 
 TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
@@ -11,6 +12,9 @@ TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
   m.impl("shortlist_score_grad_input", &cxf::shortlist_score_grad_input_cpu);
   m.impl("shortlist_score_grad_weight", &cxf::shortlist_score_grad_weight_cpu);
   m.impl("shortlist_score_grad_weight_rows", &cxf::shortlist_score_grad_weight_rows_cpu);
+  m.impl("topk", &cxf::topk_cpu);
+  m.impl("block_score", &cxf::block_score_cpu);
+  m.impl("cascade_search", &cxf::cascade_search_cpu);
 }
 
 namespace {

@@ -216,7 +216,7 @@ def test_opcheck(w_dtype):
     torch.library.opcheck(OPS.shortlist_score.default, (x, w, b, idx, False, False))
     grad = torch.randn(3, 8)
     torch.library.opcheck(OPS.shortlist_score_grad_input.default, (grad, w.detach(), idx))
-    torch.library.opcheck(OPS.shortlist_score_grad_weight.default, (grad, x, idx, 9, False))
+    torch.library.opcheck(OPS.shortlist_score_grad_weight.default, (grad, x, idx, 9, False, w_dtype))
 
 
 def test_torch_compile_fullgraph_forward_and_dense_backward():
@@ -288,3 +288,17 @@ def test_layer_init_and_full_scores():
     x = torch.randn(2, 16)
     torch.testing.assert_close(half.full(x, chunk_rows=7), half(x, torch.arange(100).expand(2, 100)), **TOL)
     assert "num_labels=100" in repr(half)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_gradients_written_in_the_table_dtype(dtype):
+    # Accumulated in fp32, rounded once (to nearest even) to the requested dtype: no fp32 [N, D] copy is made.
+    x, _, _, idx = make_inputs(4, 30, 40, 25)
+    grad = torch.randn(4, 30)
+    dw, db = OPS.shortlist_score_grad_weight(grad, x, idx, 25, False, dtype)
+    rows, w_rows, b_rows = OPS.shortlist_score_grad_weight_rows(grad, x, idx, dtype)
+    ref_dw, ref_db = OPS.shortlist_score_grad_weight(grad, x, idx, 25)
+    assert dw.dtype == dtype and w_rows.dtype == dtype and db.dtype == torch.float32
+    assert torch.equal(dw, ref_dw.to(dtype))
+    assert torch.equal(w_rows, ref_dw[rows].to(dtype))
+    assert torch.equal(b_rows, ref_db[rows])

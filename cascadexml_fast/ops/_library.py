@@ -18,10 +18,20 @@ SCHEMAS = {
     "shortlist_score_grad_input": "shortlist_score_grad_input(Tensor grad, Tensor weight, Tensor idx) -> Tensor",
     "shortlist_score_grad_weight": (
         "shortlist_score_grad_weight(Tensor grad, Tensor x, Tensor idx, SymInt num_rows, "
-        "bool deterministic=False) -> (Tensor, Tensor)"
+        "bool deterministic=False, ScalarType? dtype=None) -> (Tensor, Tensor)"
     ),
     "shortlist_score_grad_weight_rows": (
-        "shortlist_score_grad_weight_rows(Tensor grad, Tensor x, Tensor idx) -> (Tensor, Tensor, Tensor)"
+        "shortlist_score_grad_weight_rows(Tensor grad, Tensor x, Tensor idx, ScalarType? dtype=None) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    "topk": "topk(Tensor scores, int k, Tensor? mask=None) -> (Tensor, Tensor)",
+    "block_score": (
+        "block_score(Tensor x, Tensor weight, Tensor? bias, Tensor clusters, Tensor offsets, int max_children) "
+        "-> (Tensor, Tensor)"
+    ),
+    "cascade_search": (
+        "cascade_search(Tensor[] features, Tensor[] weights, Tensor?[] biases, Tensor[] offsets, int[] beams, "
+        "int[] max_children, int k, str combine=\"leaf\") -> (Tensor, Tensor)"
     ),
 }
 

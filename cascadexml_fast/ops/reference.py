@@ -53,25 +53,132 @@ def _flat_pairs(grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor):
 
 
 def shortlist_score_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, num_rows: int
+    grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, num_rows: int, dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dense gradients: dW [num_rows, D] and dbias [num_rows], duplicates summed, fp32."""
+    """Dense gradients: dW [num_rows, D] and dbias [num_rows], duplicates summed in fp32; dW is rounded to
+    `dtype` (the table's dtype) if given."""
     rows, g, xs = _flat_pairs(grad, x, idx)
     dw = torch.zeros(num_rows, x.shape[1], dtype=xs.dtype, device=x.device)
     dw.index_add_(0, rows, g.unsqueeze(1) * xs)
     db = torch.zeros(num_rows, dtype=xs.dtype, device=x.device)
     db.index_add_(0, rows, g)
-    return dw, db
+    return dw.to(dtype or dw.dtype), db
 
 
 def shortlist_score_grad_weight_rows(
-    grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor
+    grad: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row-sparse gradients: unique sorted row ids [U] (int64), their dW rows [U, D] and dbias values [U]."""
+    """Row-sparse gradients: unique sorted row ids [U] (int64), their dW rows [U, D] (rounded to `dtype` if
+    given) and dbias values [U]."""
     rows, g, xs = _flat_pairs(grad, x, idx)
     unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
     dw = torch.zeros(unique.numel(), x.shape[1], dtype=xs.dtype, device=x.device)
     dw.index_add_(0, inverse, g.unsqueeze(1) * xs)
     db = torch.zeros(unique.numel(), dtype=xs.dtype, device=x.device)
     db.index_add_(0, inverse, g)
-    return unique, dw, db
+    return unique, dw.to(dtype or dw.dtype), db
+
+
+def topk(scores: torch.Tensor, k: int, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k values (fp32) and positions (int64) per row of scores [B, K] under DESIGN.md's rules.
+
+    Candidates are the positions where `mask` is True (all positions without a mask). They are ranked by score,
+    descending, NaN below -inf, ties to the lower position. Slots beyond the number of candidates hold position
+    -1 and value -inf. k may exceed K.
+    """
+    B, K = scores.shape
+    values = scores.float()
+    nan = torch.isnan(values)
+    candidate = torch.ones_like(nan) if mask is None else mask.to(torch.bool)
+    # Class 0: a real candidate; 1: a NaN candidate; 2: not a candidate. Sort by score (stable keeps position order
+    # among equals), then by class (stable again), so the order is (class, -score, position).
+    klass = torch.where(candidate, nan.long(), torch.full_like(nan, 2, dtype=torch.long))
+    order = torch.sort(values.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(klass.gather(1, order), dim=1, stable=True).indices)
+    take = order[:, : min(k, K)]
+    valid = klass.gather(1, take) < 2
+    positions = take.masked_fill(~valid, -1)
+    top = values.gather(1, take).masked_fill(~valid, float("-inf"))
+    if k > K:
+        positions = torch.cat([positions, positions.new_full((B, k - K), -1)], dim=1)
+        top = torch.cat([top, top.new_full((B, k - K), float("-inf"))], dim=1)
+    return top, positions
+
+
+def block_ids(clusters: torch.Tensor, offsets: torch.Tensor, max_children: int) -> torch.Tensor:
+    """Tree-order ids [B, C * max_children] of the children blocks [offsets[c], offsets[c+1]) of clusters [B, C];
+    -1 for pad clusters and for the slots past a block's end."""
+    clusters = clusters.long()
+    valid_cluster = clusters >= 0
+    safe = clusters.clamp(min=0)
+    starts = offsets[safe]
+    sizes = torch.where(valid_cluster, offsets[safe + 1] - starts, torch.zeros_like(starts))
+    slot = torch.arange(max_children, device=clusters.device)
+    ids = starts.unsqueeze(-1) + slot
+    ids = ids.masked_fill(slot >= sizes.unsqueeze(-1), -1)
+    return ids.reshape(clusters.shape[0], clusters.shape[1] * max_children)
+
+
+def block_score(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    clusters: torch.Tensor,
+    offsets: torch.Tensor,
+    max_children: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores (fp32) and tree-order ids (int64) of every child of each cluster in clusters [B, C] (pad -1):
+    both [B, C * max_children]; padded slots hold -inf and -1."""
+    ids = block_ids(clusters, offsets, max_children)
+    return shortlist_score(x, weight, bias, ids), ids
+
+
+def cascade_search(
+    features,
+    weights,
+    biases,
+    offsets,
+    beams,
+    k: int,
+    combine: str = "leaf",
+    max_children=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Beam search down a label tree; returns tree-order ids of the last level [B, k] (int64) and scores (fp32).
+
+    Level 0 scores all of its nodes; level i >= 1 scores the children (offsets[i-1]) of the beams[i-1] best nodes
+    of level i-1, ranked by their raw scores (logits). The last level's candidates are ranked by
+    `combine`: "leaf" = sigmoid(logit), "leaf_x_parent" = sigmoid(logit) * sigmoid(parent logit) (CascadeXML's
+    "weighted" scheme, LightXML's sigma(label) * sigma(cluster)). Missing slots: id -1, score -inf.
+    `max_children[i]` (defaults to the largest block of offsets[i]) is the padded width of a block.
+    """
+    if max_children is None:
+        max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
+    return beam_search(
+        features, weights, biases, offsets, beams, max_children, k, combine,
+        score_fn=shortlist_score, block_score_fn=block_score, topk_fn=topk,
+    )
+
+
+def beam_search(features, weights, biases, offsets, beams, max_children, k, combine, *, score_fn, block_score_fn,
+                topk_fn):
+    """The cascade's algorithm, written once over three ops (so that device backends can run it on their own
+    kernels without a host sync): score_fn(x, W, b, ids), block_score_fn(x, W, b, clusters, offsets, width) and
+    topk_fn(scores, k, mask)."""
+    if combine not in ("leaf", "leaf_x_parent"):
+        raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+    x0 = features[0]
+    B = x0.shape[0]
+    ids = torch.arange(weights[0].shape[0], device=x0.device).expand(B, -1)
+    logits = score_fn(x0, weights[0], biases[0], ids)
+    parent = None
+    for level in range(1, len(weights)):
+        top, pos = topk_fn(logits, beams[level - 1], ids >= 0)
+        nodes = ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
+        width = max_children[level - 1]
+        logits, ids = block_score_fn(features[level], weights[level], biases[level], nodes, offsets[level - 1], width)
+        parent = top.repeat_interleave(width, dim=1)
+    scores = torch.sigmoid(logits)
+    if combine == "leaf_x_parent" and parent is not None:
+        scores = scores * torch.sigmoid(parent)
+    top, pos = topk_fn(scores, k, ids >= 0)
+    return ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1), top

@@ -61,18 +61,20 @@ def _grad_input_cuda(grad, weight, idx):
     return kernels.shortlist_score_grad_input(grad, weight, idx)
 
 
-def _grad_weight_cuda(grad, x, idx, num_rows, deterministic=False):
+def _grad_weight_cuda(grad, x, idx, num_rows, deterministic=False, dtype=None):
     kernels = _cuda_kernels(grad, x)
     if kernels is None:
-        return reference.shortlist_score_grad_weight(grad, x, idx, num_rows)
-    return kernels.shortlist_score_grad_weight(grad, x, idx, num_rows, deterministic=_deterministic(deterministic))
+        return reference.shortlist_score_grad_weight(grad, x, idx, num_rows, dtype)
+    dw, db = kernels.shortlist_score_grad_weight(grad, x, idx, num_rows, deterministic=_deterministic(deterministic))
+    return dw.to(dtype or dw.dtype), db
 
 
-def _grad_weight_rows_cuda(grad, x, idx):
+def _grad_weight_rows_cuda(grad, x, idx, dtype=None):
     kernels = _cuda_kernels(grad, x)
     if kernels is None:
-        return reference.shortlist_score_grad_weight_rows(grad, x, idx)
-    return kernels.shortlist_score_grad_weight_rows(grad, x, idx)
+        return reference.shortlist_score_grad_weight_rows(grad, x, idx, dtype)
+    rows, dw, db = kernels.shortlist_score_grad_weight_rows(grad, x, idx)
+    return rows, dw.to(dtype or dw.dtype), db
 
 
 _library.LIBRARY.impl("shortlist_score", _forward_cuda, "CUDA")
@@ -101,19 +103,19 @@ def _grad_input_fake(grad, weight, idx):
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight")
-def _grad_weight_fake(grad, x, idx, num_rows, deterministic=False):
-    dtype = _acc_dtype(grad, x)
-    return x.new_empty((num_rows, x.shape[1]), dtype=dtype), x.new_empty((num_rows,), dtype=dtype)
+def _grad_weight_fake(grad, x, idx, num_rows, deterministic=False, dtype=None):
+    acc = _acc_dtype(grad, x)
+    return x.new_empty((num_rows, x.shape[1]), dtype=dtype or acc), x.new_empty((num_rows,), dtype=acc)
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_weight_rows")
-def _grad_weight_rows_fake(grad, x, idx):
+def _grad_weight_rows_fake(grad, x, idx, dtype=None):
     unique_rows = torch.library.get_ctx().new_dynamic_size()
-    dtype = _acc_dtype(grad, x)
+    acc = _acc_dtype(grad, x)
     return (
         x.new_empty((unique_rows,), dtype=torch.int64),
-        x.new_empty((unique_rows, x.shape[1]), dtype=dtype),
-        x.new_empty((unique_rows,), dtype=dtype),
+        x.new_empty((unique_rows, x.shape[1]), dtype=dtype or acc),
+        x.new_empty((unique_rows,), dtype=acc),
     )
 
 
@@ -146,14 +148,14 @@ def _backward(ctx, grad):
     if need_w or need_b:
         num_rows = weight.shape[0]
         if ctx.sparse_grad:
-            rows, w_rows, b_rows = grad_weight_rows_op(grad, x, idx)
+            rows, w_rows, b_rows = grad_weight_rows_op(grad, x, idx, weight.dtype)
             ids = rows.unsqueeze(0)
             if need_w:
                 dw = _coalesced(ids, w_rows.to(weight.dtype), (num_rows, weight.shape[1]))
             if need_b:
                 db = _coalesced(ids, b_rows.to(ctx.bias_dtype), (num_rows,))
         else:
-            dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, ctx.deterministic)
+            dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, ctx.deterministic, weight.dtype)
             dw = dw_full.to(weight.dtype) if need_w else None
             db = db_full.to(ctx.bias_dtype) if need_b else None
     return dx, dw, db, None, None, None

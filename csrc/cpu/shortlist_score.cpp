@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -198,19 +199,31 @@ CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const 
 
 // Reduces every segment into out_rows[slot(u)] (a [*, D] buffer of the accumulation type) and out_bias[slot(u)];
 // both are overwritten, so they need no initialisation.
-// g and xf hold the accumulation type of L (float or double).
-template <class L, class Slot>
-void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K,
-                     typename L::A* out_rows, typename L::A* out_bias, Slot slot) {
+// Reduces every segment into out_rows[slot(u)] (a [*, D] buffer of dtype S) and out_bias[slot(u)]; both are
+// overwritten, so they need no initialisation. g and xf hold L's accumulation type A. When S is narrower than A
+// (bf16/fp16 tables), a row is accumulated in a per-thread A buffer and rounded once (to nearest even).
+template <class L, class S, class Slot>
+void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tensor& xf, int64_t K, S* out_rows,
+                     typename L::A* out_bias, Slot slot) {
   using A = typename L::A;
   const int64_t U = int64_t(seg.rows.size()), D = xf.size(1);
   const A* gp = g.data_ptr<A>();
   const A* x = xf.data_ptr<A>();
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(std::is_same_v<S, A> ? 0 : D);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t s = slot(u);
-      reduce_segment<L>(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D,
-                     out_rows + s * D, out_bias + s);
+      A* acc = nullptr;
+      if constexpr (std::is_same_v<S, A>)
+        acc = out_rows + s * D;
+      else
+        acc = scratch.data();
+      reduce_segment<L>(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D, acc,
+                        out_bias + s);
+      if constexpr (!std::is_same_v<S, A>) {
+        S* out = out_rows + s * D;
+        for (int64_t i = 0; i < D; ++i) out[i] = static_cast<S>(static_cast<float>(acc[i]));
+      }
     }
   });
 }
@@ -275,9 +288,17 @@ at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tens
   return dx;
 }
 
+// The dtype of dW: `dtype` if given, else the accumulation type.
+static at::ScalarType grad_dtype(const c10::optional<at::ScalarType>& dtype, at::ScalarType acc) {
+  const auto t = dtype.value_or(acc);
+  TORCH_CHECK(is_float_storage(t), "dtype must be float32, bfloat16, float16 or float64, got ", t);
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& idx, int64_t num_rows,
-                                                                   bool /*deterministic: always*/) {
+                                                                   bool /*deterministic: always*/,
+                                                                   c10::optional<at::ScalarType> dtype) {
   check_grad_args(grad, idx, "x", x);
   TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
   check_ids_in_range(idx, num_rows);
@@ -285,23 +306,23 @@ std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Ten
   const auto g = grad.to(acc).contiguous();
   const auto xa = x.to(acc).contiguous();
   const auto ids = idx.contiguous();
-  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(acc));
+  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(grad_dtype(dtype, acc)));
   auto db = at::zeros({num_rows}, x.options().dtype(acc));
   if (ids.numel() == 0) return {dw, db};
   dispatch_ids(ids, [&]<class I>() {
     const auto seg = group_by_row<I>(ids.data_ptr<I>(), ids.numel(), num_rows);
     dispatch_acc(acc, [&]<class L>() {
-      using A = typename L::A;
-      reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<A>(), db.data_ptr<A>(),
-                         [&](int64_t u) { return seg.rows[u]; });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw.scalar_type(), "grad_weight", [&] {
+        reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<scalar_t>(), db.data_ptr<typename L::A>(),
+                           [&](int64_t u) { return seg.rows[u]; });
+      });
     });
   });
   return {dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(const at::Tensor& grad,
-                                                                                    const at::Tensor& x,
-                                                                                    const at::Tensor& idx) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& idx, c10::optional<at::ScalarType> dtype) {
   check_grad_args(grad, idx, "x", x);
   check_ids_in_range(idx, std::numeric_limits<int64_t>::max());
   const auto acc = acc_type({grad.scalar_type(), x.scalar_type()});
@@ -318,11 +339,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_
     const int64_t U = int64_t(seg.rows.size());
     rows = at::empty({U}, options.dtype(at::kLong));
     std::copy(seg.rows.begin(), seg.rows.end(), rows.data_ptr<int64_t>());
-    dw = at::empty({U, x.size(1)}, options);
+    dw = at::empty({U, x.size(1)}, options.dtype(grad_dtype(dtype, acc)));
     db = at::empty({U}, options);
     dispatch_acc(acc, [&]<class L>() {
-      using A = typename L::A;
-      reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<A>(), db.data_ptr<A>(), [](int64_t u) { return u; });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw.scalar_type(), "grad_weight_rows", [&] {
+        reduce_segments<L>(seg, g, xa, ids.size(1), dw.data_ptr<scalar_t>(), db.data_ptr<typename L::A>(),
+                           [](int64_t u) { return u; });
+      });
     });
   });
   return {rows, dw, db};

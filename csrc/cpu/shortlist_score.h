@@ -13,10 +13,10 @@ at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& idx, int64_t num_rows,
-                                                                   bool deterministic);
+                                                                   bool deterministic,
+                                                                   c10::optional<at::ScalarType> dtype);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(const at::Tensor& grad,
-                                                                                    const at::Tensor& x,
-                                                                                    const at::Tensor& idx);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& idx, c10::optional<at::ScalarType> dtype);
 
 }  // namespace cxf

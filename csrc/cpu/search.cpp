@@ -1,0 +1,236 @@
+// CPU kernels of the inference ops: topk, block_score and the whole cascade_search.
+#include "cpu/search.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/shortlist_score.h"
+#include "cpu/topk.h"
+#include "cpu/vec.h"
+
+namespace cxf {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+void check_offsets(const at::Tensor& offsets, const char* name) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1, name, " must be 1-D with at least one entry, got shape ",
+              offsets.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kLong, name, " must be int64, got ", offsets.scalar_type());
+}
+
+// ids [B, C * width] of the children blocks of clusters [B, C]; -1 for pads and past a block's end.
+template <class I>
+at::Tensor block_ids(const at::Tensor& clusters, const at::Tensor& offsets, int64_t width) {
+  const int64_t B = clusters.size(0), C = clusters.size(1), num_clusters = offsets.size(0) - 1;
+  auto ids = at::empty({B, C * width}, clusters.options().dtype(at::kLong));
+  const I* cl = clusters.data_ptr<I>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t* out = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * C; ++i) {
+    const int64_t c = cl[i];
+    TORCH_CHECK_INDEX(c >= -1 && c < num_clusters, "clusters[", i / C, ", ", i % C, "] = ", c,
+                      " is out of range [-1, ", num_clusters, ")");
+    const int64_t start = c < 0 ? 0 : off[c], size = c < 0 ? 0 : off[c + 1] - start;
+    TORCH_CHECK(size >= 0 && size <= width, "cluster ", c, " has ", size, " children but max_children is ", width);
+    for (int64_t j = 0; j < width; ++j) out[i * width + j] = j < size ? start + j : -1;
+  }
+  return ids;
+}
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// scores[j] = <x, W[start + j]> (+ bias) for j < n: one contiguous block of rows.
+template <class L>
+CXF_MULTIVERSION void score_block(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
+                                  const float* bias, float* out) {
+  const typename L::T* row = W + start * D;
+  for (int64_t j = 0; j < n; ++j, row += D) out[j] = dot<L>(x, row, D) + (bias ? bias[start + j] : 0.f);
+}
+
+using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, const float*, float*);
+
+template <class L>
+void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, const float* bias,
+                        float* out) {
+  score_block<L>(x, static_cast<const typename L::T*>(W), D, start, n, bias, out);
+}
+
+// One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype.
+struct Level {
+  at::Tensor x, W, bias, offsets;
+  BlockScorer scorer = nullptr;
+  int64_t D = 0;
+};
+
+BlockScorer scorer_for(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return &score_block_erased<F32>;
+    case at::kBFloat16: return &score_block_erased<BF16>;
+    case at::kHalf: return &score_block_erased<F16>;
+    default: TORCH_CHECK(false, "cascade_search: unsupported table dtype ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores, int64_t k, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(scores.dim() == 2, "scores must be 2-D [B, K], got shape ", scores.sizes());
+  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK(scores.size(1) < (int64_t(1) << 32), "topk supports K < 2^32 positions per row");
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (has_mask)
+    TORCH_CHECK(mask->sizes() == scores.sizes() && mask->scalar_type() == at::kBool,
+                "mask must be a bool tensor of the shape of scores ", scores.sizes());
+  const auto s = scores.to(at::kFloat).contiguous();
+  const auto msk = has_mask ? mask->contiguous() : at::Tensor();
+  const int64_t B = s.size(0), K = s.size(1);
+  auto values = at::empty({B, k}, s.options());
+  auto positions = at::empty({B, k}, s.options().dtype(at::kLong));
+  if (B == 0 || k == 0) return {values, positions};
+  const float* sp = s.data_ptr<float>();
+  const bool* mp = has_mask ? msk.data_ptr<bool>() : nullptr;
+  float* vp = values.data_ptr<float>();
+  int64_t* pp = positions.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys;
+    keys.reserve(K);
+    for (int64_t b = begin; b < end; ++b) {
+      const bool* row_mask = mp ? mp + b * K : nullptr;
+      select_topk(sp + b * K, K, [&](int64_t i) { return row_mask == nullptr || row_mask[i]; }, k, vp + b * k,
+                  pp + b * k, keys);
+    }
+  });
+  return {values, positions};
+}
+
+std::tuple<at::Tensor, at::Tensor> block_score_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const c10::optional<at::Tensor>& bias, const at::Tensor& clusters,
+                                                   const at::Tensor& offsets, int64_t max_children) {
+  check_ids(clusters);
+  check_offsets(offsets, "offsets");
+  TORCH_CHECK(max_children >= 0, "max_children must be >= 0, got ", max_children);
+  TORCH_CHECK(clusters.size(0) == x.size(0), "clusters has B = ", clusters.size(0), " rows but x has B = ", x.size(0));
+  const auto cl = clusters.contiguous();
+  const auto off = offsets.contiguous();
+  at::Tensor ids;
+  AT_DISPATCH_INDEX_TYPES(cl.scalar_type(), "block_score", [&] { ids = block_ids<index_t>(cl, off, max_children); });
+  // The blocks are contiguous rows, so the shortlist kernel reads them sequentially (prefetch-friendly).
+  return {shortlist_score_cpu(x, weight, bias, ids, false, false), ids};
+}
+
+std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, at::TensorList weights,
+                                                      const c10::List<c10::optional<at::Tensor>>& biases,
+                                                      at::TensorList offsets, at::IntArrayRef beams,
+                                                      at::IntArrayRef max_children, int64_t k,
+                                                      c10::string_view combine) {
+  const int64_t levels = int64_t(weights.size());
+  TORCH_CHECK(levels >= 1, "cascade_search needs at least one level");
+  TORCH_CHECK(int64_t(features.size()) == levels && int64_t(biases.size()) == levels,
+              "features, weights and biases need one entry per level (", levels, ")");
+  TORCH_CHECK(int64_t(offsets.size()) == levels - 1 && int64_t(beams.size()) == levels - 1 &&
+                  int64_t(max_children.size()) == levels - 1,
+              "offsets, beams and max_children need one entry per level but the last (", levels - 1, ")");
+  TORCH_CHECK(combine == "leaf" || combine == "leaf_x_parent", "combine must be 'leaf' or 'leaf_x_parent'");
+  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
+  const bool weighted = combine == "leaf_x_parent";
+  const int64_t B = features[0].size(0);
+
+  std::vector<Level> lv(levels);
+  for (int64_t l = 0; l < levels; ++l) {
+    const auto& W = weights[l];
+    TORCH_CHECK(W.dim() == 2 && features[l].dim() == 2 && features[l].size(0) == B && features[l].size(1) == W.size(1),
+                "level ", l, ": features must be [B, D] and weights [N, D] with one D, got ", features[l].sizes(),
+                " and ", W.sizes());
+    lv[l].x = features[l].to(at::kFloat).contiguous();
+    lv[l].W = (W.scalar_type() == at::kDouble ? W.to(at::kFloat) : W).contiguous();
+    lv[l].scorer = scorer_for(lv[l].W.scalar_type());
+    lv[l].D = W.size(1);
+    const auto& b = biases.get(l);
+    if (b.has_value() && b->defined()) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == W.size(0), "level ", l, ": bias must have shape [", W.size(0), "]");
+      lv[l].bias = b->to(at::kFloat).contiguous();
+    }
+    if (l + 1 < levels) {
+      check_offsets(offsets[l], "offsets");
+      TORCH_CHECK(offsets[l].size(0) == W.size(0) + 1, "level ", l, ": offsets must have ", W.size(0) + 1,
+                  " entries (nodes + 1), got ", offsets[l].size(0));
+      lv[l].offsets = offsets[l].contiguous();
+      const int64_t* o = lv[l].offsets.data_ptr<int64_t>();
+      TORCH_CHECK(o[0] >= 0 && o[W.size(0)] <= weights[l + 1].size(0), "level ", l,
+                  ": offsets must lie in [0, rows of the next level's table]");
+      for (int64_t c = 0; c < W.size(0); ++c)
+        TORCH_CHECK(o[c + 1] >= o[c] && o[c + 1] - o[c] <= max_children[l], "level ", l, ": node ", c, " has ",
+                    o[c + 1] - o[c], " children (offsets must be non-decreasing, blocks <= max_children = ",
+                    max_children[l], ")");
+      TORCH_CHECK(beams[l] >= 0, "beams must be >= 0");
+    }
+  }
+
+  auto out_ids = at::empty({B, k}, lv[0].x.options().dtype(at::kLong));
+  auto out_scores = at::empty({B, k}, lv[0].x.options());
+  if (B == 0) return {out_ids, out_scores};
+  int64_t* oid = out_ids.data_ptr<int64_t>();
+  float* osc = out_scores.data_ptr<float>();
+
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys;
+    std::vector<float> scores, parent, final_scores, beam_values;
+    std::vector<int64_t> ids, beam_pos, beam_nodes;
+    for (int64_t b = begin; b < end; ++b) {
+      // Level 0: every node.
+      const int64_t n0 = lv[0].W.size(0);
+      scores.assign(n0, 0.f);
+      ids.resize(n0);
+      for (int64_t i = 0; i < n0; ++i) ids[i] = i;
+      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
+                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, scores.data());
+      parent.assign(n0, 0.f);
+      bool has_parent = false;
+      for (int64_t l = 1; l < levels; ++l) {
+        // Keep the best beams[l-1] nodes of level l-1 by raw score...
+        const int64_t beam = beams[l - 1], width = max_children[l - 1];
+        beam_values.resize(beam);
+        beam_pos.resize(beam);
+        select_topk(scores.data(), int64_t(scores.size()), [&](int64_t i) { return ids[i] >= 0; }, beam,
+                    beam_values.data(), beam_pos.data(), keys);
+        beam_nodes.resize(beam);
+        for (int64_t j = 0; j < beam; ++j) beam_nodes[j] = beam_pos[j] < 0 ? -1 : ids[beam_pos[j]];
+        // ...and score all their children at level l, each block padded to `width` slots.
+        scores.assign(beam * width, kNegInf);
+        ids.assign(beam * width, -1);
+        parent.resize(beam * width);
+        const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
+        const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
+        const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+        for (int64_t j = 0; j < beam; ++j) {
+          std::fill(parent.begin() + j * width, parent.begin() + (j + 1) * width, beam_values[j]);
+          const int64_t node = beam_nodes[j];
+          if (node < 0) continue;
+          const int64_t start = off[node], size = off[node + 1] - start;
+          lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, scores.data() + j * width);
+          for (int64_t t = 0; t < size; ++t) ids[j * width + t] = start + t;
+        }
+        has_parent = true;
+      }
+      // Final ranking of the last level's candidates.
+      const int64_t n = int64_t(scores.size());
+      final_scores.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        final_scores[i] = sigmoid(scores[i]);
+        if (weighted && has_parent) final_scores[i] *= sigmoid(parent[i]);
+      }
+      beam_pos.resize(k);
+      select_topk(final_scores.data(), n, [&](int64_t i) { return ids[i] >= 0; }, k, osc + b * k, beam_pos.data(),
+                  keys);
+      for (int64_t j = 0; j < k; ++j) oid[b * k + j] = beam_pos[j] < 0 ? -1 : ids[beam_pos[j]];
+    }
+  });
+  return {out_ids, out_scores};
+}
+
+}  // namespace cxf
