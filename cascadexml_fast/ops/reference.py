@@ -23,13 +23,18 @@ def shortlist_score(
     """
     acc = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
     idx = idx.long()
-    valid = idx >= 0
-    safe = idx.clamp(min=0)
-    rows = weight[safe].to(acc)  # [B, K, D], gathered in storage dtype, then upcast
+    rows = _gather(weight, idx).to(acc)  # [B, K, D], gathered in storage dtype, then upcast
     scores = torch.bmm(rows, x.to(acc).unsqueeze(-1)).squeeze(-1)
     if bias is not None:
-        scores = scores + bias[safe].to(acc)
-    return scores.masked_fill(~valid, float("-inf"))
+        scores = scores + _gather(bias, idx).to(acc)
+    return scores.masked_fill(idx < 0, float("-inf"))
+
+
+def _gather(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] with pads (-1) reading row 0, or zeros when the table is empty (then every id is a pad)."""
+    if table.shape[0] == 0:
+        return table.new_zeros(idx.shape + table.shape[1:])
+    return table[idx.clamp(min=0)]
 
 
 def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,7 @@ def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: to
     acc = torch.float64 if torch.float64 in (grad.dtype, weight.dtype) else torch.float32
     idx = idx.long()
     g = grad.to(acc).masked_fill(idx < 0, 0.0)
-    rows = weight[idx.clamp(min=0)].to(acc)
+    rows = _gather(weight, idx).to(acc)
     return torch.bmm(g.unsqueeze(1), rows).squeeze(1)
 
 
@@ -173,7 +178,7 @@ def beam_search(features, weights, biases, offsets, beams, max_children, k, comb
     parent = None
     for level in range(1, len(weights)):
         top, pos = topk_fn(logits, beams[level - 1], ids >= 0)
-        nodes = ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
+        nodes = _ids_at(ids, pos)
         width = max_children[level - 1]
         logits, ids = block_score_fn(features[level], weights[level], biases[level], nodes, offsets[level - 1], width)
         parent = top.repeat_interleave(width, dim=1)
@@ -181,4 +186,11 @@ def beam_search(features, weights, biases, offsets, beams, max_children, k, comb
     if combine == "leaf_x_parent" and parent is not None:
         scores = scores * torch.sigmoid(parent)
     top, pos = topk_fn(scores, k, ids >= 0)
-    return ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1), top
+    return _ids_at(ids, pos), top
+
+
+def _ids_at(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """ids[b, pos[b, j]], and -1 where pos is -1 (also when there are no candidates at all)."""
+    if ids.shape[1] == 0:
+        return torch.full_like(pos, -1)
+    return ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
