@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402  (defines the op schemas, fake impls and autograd)
 from . import _extension  # noqa: E402,F401  (attaches the C++ CPU kernels, or the reference fallback)
 from ._info import info  # noqa: E402
-from .layers import ShortlistedLinear  # noqa: E402
+from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
 from .ops.search import block_score, cascade_search, topk  # noqa: E402
 from .ops.shortlist_score import shortlist_score  # noqa: E402
 
 __all__ = [
+    "CascadeHead",
     "ShortlistedLinear", "block_score", "cascade_search", "info", "ops", "shortlist_score", "topk", "__version__",
 ]

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ops.search import beam_search_with_ops, cascade_search
 from .ops.shortlist_score import shortlist_score
 
 
@@ -89,3 +90,111 @@ class ShortlistedLinear(nn.Module):
             f"num_labels={self.num_labels}, dim={self.dim}, bias={self.bias is not None}, "
             f"sparse_grad={self.sparse_grad}, dtype={self.weight.dtype}"
         )
+
+
+class CascadeHead(nn.Module):
+    """Per-level label tables over a label tree, searched level by level (CascadeXML / LightXML inference).
+
+    Level 0 holds the top nodes of the tree, each further level the children of the one above, the last level
+    the labels. Level l has a table [nodes_l, dims[l]] (+ bias), stored in tree order: the children of node c of
+    level l are rows [offsets[l][c], offsets[l][c+1]) of level l+1's table.
+
+    Args:
+        tree: a `LabelTree`, or any object with `offsets` (one int64 CSR tensor per cluster level, the last one
+            pointing at labels) and `perm` (tree-order position -> original label id).
+        dim: features per level: an int for all levels, or one int per level.
+        beams: nodes kept at every level but the last (len = levels - 1).
+        combine: how the last level ranks its candidates: "leaf" (sigmoid of the label's logit) or
+            "leaf_x_parent" (times the sigmoid of its parent's logit: CascadeXML's "weighted", LightXML's scheme).
+        bias: per-node biases.
+        dtype, device: of the tables.
+
+    Tables start as in CascadeXML: Xavier-uniform weights, zero biases.
+    """
+
+    def __init__(self, tree, dim, beams, *, combine: str = "leaf", bias: bool = True, dtype=None, device=None):
+        super().__init__()
+        offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
+        perm = torch.as_tensor(tree.perm, dtype=torch.int64)
+        sizes = [int(offsets[0].numel()) - 1] + [int(o[-1]) for o in offsets] if offsets else [int(perm.numel())]
+        levels = len(sizes)
+        if sizes[-1] != perm.numel():
+            raise ValueError(f"the tree's last level has {sizes[-1]} nodes but its permutation {perm.numel()} labels")
+        dims = [int(dim)] * levels if isinstance(dim, int) else [int(d) for d in dim]
+        if len(dims) != levels:
+            raise ValueError(f"dim needs one entry per level ({levels}), got {len(dims)}")
+        beams = [int(b) for b in beams]
+        if len(beams) != levels - 1:
+            raise ValueError(f"beams needs one entry per level but the last ({levels - 1}), got {len(beams)}")
+        if combine not in ("leaf", "leaf_x_parent"):
+            raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+        self.level_sizes = sizes
+        self.dims = dims
+        self.beams = beams
+        self.combine = combine
+        # The padded width of each level's children blocks, known now so that search() never syncs to find it.
+        self.max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
+        factory = {"device": device, "dtype": dtype}
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, d, **factory)) for n, d in zip(sizes, dims)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **factory)) for n in sizes]) if bias else None
+        for level, o in enumerate(offsets):
+            self.register_buffer(f"offsets_{level}", o.to(device))
+        self.register_buffer("perm", perm.to(device))
+        self.reset_parameters()
+
+    @property
+    def offsets(self):
+        return [getattr(self, f"offsets_{level}") for level in range(len(self.level_sizes) - 1)]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    def reset_parameters(self) -> None:
+        for w in self.weights:
+            nn.init.xavier_uniform_(w)
+        if self.biases is not None:
+            for b in self.biases:
+                nn.init.zeros_(b)
+
+    def _level_inputs(self, level_features):
+        if isinstance(level_features, torch.Tensor):
+            level_features = [level_features] * self.num_levels
+        features = list(level_features)
+        if len(features) != self.num_levels:
+            raise ValueError(f"level_features needs one [B, D] tensor per level ({self.num_levels}), got {len(features)}")
+        biases = list(self.biases) if self.biases is not None else [None] * self.num_levels
+        return features, list(self.weights), biases
+
+    def to_label_ids(self, tree_ids: torch.Tensor) -> torch.Tensor:
+        """Original label ids of tree-order ids of the last level (-1 stays -1)."""
+        return torch.where(tree_ids >= 0, self.perm[tree_ids.clamp(min=0)], tree_ids)
+
+    @torch.no_grad()
+    def search(self, level_features, k: int, *, beams=None, combine=None, validate: bool = True):
+        """Top-k labels per document: (original label ids [B, k] int64, scores [B, k] fp32), -1 / -inf where
+        fewer than k labels were reached. `level_features`: one [B, dims[l]] tensor per level (or one tensor
+        for all levels)."""
+        features, weights, biases = self._level_inputs(level_features)
+        tree_ids, scores = cascade_search(
+            features, weights, biases, self.offsets, self.beams if beams is None else list(beams), k,
+            self.combine if combine is None else combine, self.max_children, validate=validate,
+        )
+        return self.to_label_ids(tree_ids), scores
+
+    @torch.no_grad()
+    def shortlists(self, level_features, *, beams=None):
+        """The candidates every level scored during the search: a list with, per level, (tree-order ids [B, K_l],
+        logits [B, K_l] fp32), pads -1 / -inf. Level 0 lists all its nodes. Training (teacher forcing, fused
+        losses) builds on these."""
+        features, weights, biases = self._level_inputs(level_features)
+        trace = []
+        beam_search_with_ops(
+            features, weights, biases, self.offsets, self.beams if beams is None else list(beams), self.max_children,
+            0, self.combine, trace=trace,
+        )
+        return trace
+
+    def extra_repr(self) -> str:
+        return (f"level_sizes={self.level_sizes}, dims={self.dims}, beams={self.beams}, combine={self.combine!r}, "
+                f"dtype={self.weights[0].dtype}")

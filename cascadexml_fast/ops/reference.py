@@ -165,31 +165,35 @@ def cascade_search(
 
 
 def beam_search(features, weights, biases, offsets, beams, max_children, k, combine, *, score_fn, block_score_fn,
-                topk_fn):
+                topk_fn, trace=None):
     """The cascade's algorithm, written once over three ops (so that device backends can run it on their own
     kernels without a host sync): score_fn(x, W, b, ids), block_score_fn(x, W, b, clusters, offsets, width) and
-    topk_fn(scores, k, mask)."""
+    topk_fn(scores, k, mask). If `trace` is a list, (candidate ids, logits) of every level are appended to it."""
     if combine not in ("leaf", "leaf_x_parent"):
         raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
     x0 = features[0]
     B = x0.shape[0]
     ids = torch.arange(weights[0].shape[0], device=x0.device).expand(B, -1)
     logits = score_fn(x0, weights[0], biases[0], ids)
+    if trace is not None:
+        trace.append((ids, logits))
     parent = None
     for level in range(1, len(weights)):
         top, pos = topk_fn(logits, beams[level - 1], ids >= 0)
-        nodes = _ids_at(ids, pos)
+        nodes = ids_at(ids, pos)
         width = max_children[level - 1]
         logits, ids = block_score_fn(features[level], weights[level], biases[level], nodes, offsets[level - 1], width)
+        if trace is not None:
+            trace.append((ids, logits))
         parent = top.repeat_interleave(width, dim=1)
     scores = torch.sigmoid(logits)
     if combine == "leaf_x_parent" and parent is not None:
         scores = scores * torch.sigmoid(parent)
     top, pos = topk_fn(scores, k, ids >= 0)
-    return _ids_at(ids, pos), top
+    return ids_at(ids, pos), top
 
 
-def _ids_at(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def ids_at(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """ids[b, pos[b, j]], and -1 where pos is -1 (also when there are no candidates at all)."""
     if ids.shape[1] == 0:
         return torch.full_like(pos, -1)

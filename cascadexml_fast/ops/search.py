@@ -49,12 +49,16 @@ def _block_score_cuda(x, weight, bias, clusters, offsets, max_children):
     return kernels.block_score(x, weight, bias, clusters, offsets, max_children)
 
 
-def _cascade_search_cuda(features, weights, biases, offsets, beams, max_children, k, combine="leaf"):
+def beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine="leaf", trace=None):
+    """The cascade algorithm run over the registered ops (device kernels, no host sync between levels)."""
     return reference.beam_search(
         features, weights, biases, offsets, beams, max_children, k, combine,
-        score_fn=lambda x, w, b, ids: _library.op("shortlist_score")(x, w, b, ids),
-        block_score_fn=block_score_op, topk_fn=topk_op,
+        score_fn=_library.op("shortlist_score"), block_score_fn=block_score_op, topk_fn=topk_op, trace=trace,
     )
+
+
+def _cascade_search_cuda(features, weights, biases, offsets, beams, max_children, k, combine="leaf"):
+    return beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine)
 
 
 _library.LIBRARY.impl("topk", _topk_cuda, "CUDA")

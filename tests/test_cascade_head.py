@@ -1,0 +1,89 @@
+"""CascadeHead: per-level tables over a tree, search in original label ids, per-level shortlists."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import cascadexml_fast as cx
+from cascadexml_fast.ops import reference
+
+
+def hand_made_tree():
+    # 3 top nodes -> 7 middle nodes -> 20 labels; a node with one child, a node with none, a label cluster of 1.
+    offsets = [torch.tensor([0, 3, 3, 7]), torch.tensor([0, 4, 5, 9, 9, 13, 19, 20])]
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(3))  # tree position -> original label id
+    return SimpleNamespace(offsets=offsets, perm=perm)
+
+
+def integer_tables(head, generator):
+    with torch.no_grad():
+        for w in head.weights:
+            w.copy_(torch.randint(-2, 3, w.shape, generator=generator))
+        for b in head.biases:
+            b.copy_(torch.randint(-2, 3, b.shape, generator=generator))
+
+
+@pytest.mark.parametrize("combine", ["leaf", "leaf_x_parent"])
+def test_search_equals_reference_cascade_in_label_ids(combine):
+    gen = torch.Generator().manual_seed(0)
+    tree = hand_made_tree()
+    head = cx.CascadeHead(tree, dim=(5, 4, 6), beams=(2, 3), combine=combine)
+    integer_tables(head, gen)
+    assert head.level_sizes == [3, 7, 20] and head.max_children == [4, 6]
+    features = [torch.randint(-2, 3, (4, d), generator=gen).float() for d in (5, 4, 6)]
+    labels, scores = head.search(features, k=5)
+    tree_ids, ref_scores = reference.cascade_search(
+        features, list(head.weights), list(head.biases), tree.offsets, [2, 3], 5, combine
+    )
+    expected = torch.where(tree_ids >= 0, tree.perm[tree_ids.clamp(min=0)], -1)
+    assert torch.equal(labels, expected)
+    torch.testing.assert_close(scores, ref_scores)
+
+
+def test_shortlists_trace_every_level():
+    gen = torch.Generator().manual_seed(1)
+    tree = hand_made_tree()
+    head = cx.CascadeHead(tree, dim=8, beams=(2, 3))
+    integer_tables(head, gen)
+    x = torch.randint(-2, 3, (3, 8), generator=gen).float()
+    trace = head.shortlists(x)  # one tensor feeds every level
+    assert [ids.shape[1] for ids, _ in trace] == [3, 2 * 4, 3 * 6]
+    ref = []
+    reference.beam_search([x] * 3, list(head.weights), list(head.biases), tree.offsets, [2, 3], head.max_children, 0,
+                          "leaf", score_fn=reference.shortlist_score, block_score_fn=reference.block_score,
+                          topk_fn=reference.topk, trace=ref)
+    for (ids, logits), (ref_ids, ref_logits) in zip(trace, ref):
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(logits, ref_logits)
+    labels, _ = head.search(x, k=4)
+    last_ids = trace[-1][0]
+    for b in range(3):  # every label found is one of the last level's candidates
+        found = {int(head.perm[i]) for i in last_ids[b] if i >= 0}
+        assert {int(lab) for lab in labels[b] if lab >= 0} <= found
+
+
+def test_flat_head_and_bf16_tables():
+    tree = SimpleNamespace(offsets=[], perm=torch.arange(9).flip(0))
+    head = cx.CascadeHead(tree, dim=4, beams=(), dtype=torch.bfloat16)
+    assert head.weights[0].dtype == torch.bfloat16 and head.level_sizes == [9]
+    x = torch.randn(2, 4)
+    labels, scores = head.search(x, k=12)
+    assert labels.shape == (2, 12) and (labels[:, 9:] == -1).all() and torch.isneginf(scores[:, 9:]).all()
+    logits = x @ head.weights[0].float().T + head.biases[0].float()
+    best = torch.argsort(logits, dim=1, descending=True, stable=True)
+    assert torch.equal(labels[:, :9], head.perm[best])
+
+
+def test_bad_configurations():
+    tree = hand_made_tree()
+    with pytest.raises(ValueError, match="dim needs one entry per level"):
+        cx.CascadeHead(tree, dim=(4, 4), beams=(2, 3))
+    with pytest.raises(ValueError, match="beams needs one entry per level but the last"):
+        cx.CascadeHead(tree, dim=4, beams=(2,))
+    with pytest.raises(ValueError, match="combine must be"):
+        cx.CascadeHead(tree, dim=4, beams=(2, 3), combine="mean")
+    with pytest.raises(ValueError, match="last level has 20 nodes but its permutation 19"):
+        cx.CascadeHead(SimpleNamespace(offsets=tree.offsets, perm=torch.arange(19)), dim=4, beams=(2, 3))
+    head = cx.CascadeHead(tree, dim=4, beams=(2, 3))
+    with pytest.raises(ValueError, match="one \\[B, D\\] tensor per level"):
+        head.search([torch.randn(2, 4)] * 2, k=3)
