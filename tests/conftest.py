@@ -13,11 +13,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: heavier tests, run by the second documented command")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
