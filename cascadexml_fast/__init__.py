@@ -5,10 +5,23 @@ from . import ops  # noqa: E402  (defines the op schemas, fake impls and autogra
 from . import _extension  # noqa: E402,F401  (attaches the C++ CPU kernels, or the reference fallback)
 from ._info import info  # noqa: E402
 from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
+from .ops.optim import sparse_adamw_step  # noqa: E402
 from .ops.search import block_score, cascade_search, topk  # noqa: E402
 from .ops.shortlist_score import shortlist_score  # noqa: E402
+from .tree import LabelTree  # noqa: E402
+from .optim import SparseAdamW  # noqa: E402
 
 __all__ = [
     "CascadeHead",
-    "ShortlistedLinear", "block_score", "cascade_search", "info", "ops", "shortlist_score", "topk", "__version__",
+    "LabelTree",
+    "ShortlistedLinear",
+    "SparseAdamW",
+    "__version__",
+    "block_score",
+    "cascade_search",
+    "info",
+    "ops",
+    "shortlist_score",
+    "sparse_adamw_step",
+    "topk",
 ]

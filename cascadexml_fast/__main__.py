@@ -1,4 +1,4 @@
-"""`python -m cascadexml_fast info` (also installed as the `cascadexml-fast` command)."""
+"""`python -m cascadexml_fast info|build-tree` (also installed as the `cascadexml-fast` command)."""
 import argparse
 import json
 import sys
@@ -9,7 +9,12 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser("info", help="versions and which backends are present")
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from .tree import add_build_tree_parser, run_build_tree
+
+    add_build_tree_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "build-tree":
+        return run_build_tree(args)
 
     if args.command == "info":
         from . import info

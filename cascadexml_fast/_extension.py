@@ -26,6 +26,7 @@ FALLBACKS = {
     "cascade_search": lambda f, w, b, o, beams, widths, k, combine="leaf": reference.cascade_search(
         f, w, b, o, beams, k, combine, widths
     ),
+    "sparse_adamw_step": reference.sparse_adamw_step,
 }
 
 module = None  # the loaded cascadexml_fast._C, or None

@@ -33,6 +33,11 @@ SCHEMAS = {
         "cascade_search(Tensor[] features, Tensor[] weights, Tensor?[] biases, Tensor[] offsets, int[] beams, "
         "int[] max_children, int k, str combine=\"leaf\") -> (Tensor, Tensor)"
     ),
+    "sparse_adamw_step": (
+        "sparse_adamw_step(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
+        "int step, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor(d!)? last_step=None, "
+        "Tensor? lr_history=None) -> ()"
+    ),
 }
 
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")

@@ -6,6 +6,7 @@ scores are fp32, ids are int64 where returned.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -198,3 +199,52 @@ def ids_at(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     if ids.shape[1] == 0:
         return torch.full_like(pos, -1)
     return ids.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -1)
+
+
+def adamw_update(p, m, v, g, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
+    """One torch.optim.AdamW step (decoupled weight decay, bias correction at `step`, 1-based) on fp32 tensors;
+    returns the new (p, m, v)."""
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
+    return p - (lr / (1 - beta1**step)) * m / denom, m, v
+
+
+def sparse_adamw_step(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    last_step: Optional[torch.Tensor] = None,
+    lr_history: Optional[torch.Tensor] = None,
+) -> None:
+    """AdamW on the rows of `param` listed in `rows` (unique), in place; `grad` [U, D] holds their gradients.
+
+    Lazy (last_step is None): only the listed rows decay and move, with the bias correction of the global `step`
+    (SparseAdam's semantics plus decoupled weight decay). Exact (last_step given, int64 [N]: the step at which
+    each row was last updated, 0 = never): a row first catches up on the steps it missed, each an AdamW step with
+    a zero gradient at that step's learning rate (lr_history[j - 1] for step j, float64 [>= step]), so its state
+    equals what dense AdamW over the whole table would hold; then `last_step[rows] = step`. Math in fp32, state
+    stored in the dtype of its tensor.
+    """
+    rows = rows.long()
+    p, m, v = param[rows].float(), exp_avg[rows].float(), exp_avg_sq[rows].float()
+    hyper = (beta1, beta2, eps, weight_decay)
+    if last_step is not None:
+        zero = torch.zeros_like(p[0])
+        for i, row in enumerate(rows.tolist()):
+            for j in range(int(last_step[row]) + 1, step):
+                p[i], m[i], v[i] = adamw_update(p[i], m[i], v[i], zero, j, float(lr_history[j - 1]), *hyper)
+        last_step[rows] = step
+    p, m, v = adamw_update(p, m, v, grad.float(), step, lr, *hyper)
+    param[rows] = p.to(param.dtype)
+    exp_avg[rows] = m.to(exp_avg.dtype)
+    exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)

@@ -21,15 +21,18 @@ Methods (`method="auto"` picks by the padded row length, without a host sync):
   runs Triton's bitonic `tl.topk` (or `tl.sort` when k covers the row); one read of the row.
 - "radix" (longer rows): one program per row runs a radix select with 8-bit digits on the 32-bit score key
   (the position never needs radix passes: ties at the threshold are taken in position order). Pass 0 reads
-  the row and builds the histogram of the top digit. Each further pass writes the elements already known to be
-  in the top k (their digit is above the threshold digit) to the output and histograms the next digit of the
-  elements still tied with the threshold prefix; as soon as those tie candidates number <= _CAP, they are
-  copied (packed, in position order) into a per-row scratch buffer and the later passes read only that
-  buffer. A pass that finds all remaining ties needed stops early; after the last digit the threshold is
-  exact and its ties are taken by position. For typical scores (a few hundred to a few thousand ties with
-  the top digit) this reads the row twice. The <= k winners are then sorted by packed key in registers
-  (`tl.sort`, k <= _SELECT_SORT_MAX) and unpacked; the output positions tensor doubles as the winners' scratch.
-  For k > _SELECT_SORT_MAX the winners are sorted with `torch.sort` on the packed keys instead.
+  the row and builds the histogram of the top digit. Each further pass appends the elements already known to
+  be in the top k (prefix above the threshold prefix) to the winners, and deals with the elements still tied
+  with the threshold prefix: while they are more than _CAP, it histograms their next digit on the way; once
+  they number <= _CAP, it only copies them (packed, in position order) into a per-row scratch buffer, whose
+  next-digit histogram is then taken from the buffer, and every later pass reads only the buffer. (Triton
+  lowers `tl.histogram` to warp ballots, ~2 instructions per element and bin bit: far dearer than the
+  compaction, so it is kept off the second full pass.) A pass that finds all remaining ties needed stops
+  early; after the last digit the threshold is exact and its ties are taken by position. For typical scores
+  (a few hundred to a few thousand ties with the top digit) this reads the row twice and histograms it once.
+  The <= k winners are then sorted by packed key in registers (`tl.sort`, k <= _SELECT_SORT_MAX) and unpacked;
+  the output positions tensor doubles as the winners' scratch. For k > _SELECT_SORT_MAX the winners are sorted
+  with `torch.sort` on the packed keys instead.
 - "torch": Triton packing, `torch.topk` on the int64 packed keys, Triton unpacking (a reference-exact fallback,
   also used to cross-check the kernels).
 
@@ -164,7 +167,8 @@ def _radix_pass(
 ):
     """One pass at `level` (the prefix holds the top 8 * (level + 1) key bits of the threshold):
     elements above the prefix (with the same higher bits) are winners, appended to sel; elements equal to it
-    are histogrammed on the next digit and, if `buffered`, appended to dst. Returns (hist, nsel, ncopied)."""
+    (the ties) are histogrammed on the next digit and, if `buffered`, appended to dst in source order.
+    Returns (hist, nsel, ncopied)."""
     shift = 24 - 8 * level
     hist = tl.zeros([256], dtype=tl.int32)
     ncopy = nsel * 0
@@ -185,11 +189,21 @@ def _radix_pass(
         win_i = win.to(tl.int32)
         tl.store(sel + nsel + tl.cumsum(win_i, 0) - 1, packed, mask=win)
         nsel += tl.sum(win_i, 0)
-        hist += tl.histogram((skey >> (shift - 8)) & 255, 256, mask=tie)
         if buffered:
             tie_i = tie.to(tl.int32)
             tl.store(dst + ncopy + tl.cumsum(tie_i, 0) - 1, packed, mask=tie)
             ncopy += tl.sum(tie_i, 0)
+        else:
+            hist += tl.histogram((skey >> (shift - 8)) & 255, 256, mask=tie)
+    if buffered:
+        # The ties are few (<= CAP): histogram them from the buffer, not inside the pass over the source (the
+        # ballot-based histogram costs far more per element than the compaction).
+        tl.debug_barrier()
+        for start in range(0, ncopy, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < ncopy
+            skey = (tl.load(dst + offs, mask=inb, other=_EMPTY) >> 32).to(tl.int32)
+            hist += tl.histogram((skey >> (shift - 8)) & 255, 256, mask=inb)
     return hist, nsel, ncopy
 
 
@@ -282,6 +296,8 @@ def _topk_radix_kernel(
         tl.debug_barrier()
         cols = tl.arange(0, KP)
         packed = tl.load(p_row + cols, mask=cols < nsel, other=_EMPTY)
+        # Every (possibly replicated) load must be done before p_row is overwritten with positions.
+        tl.debug_barrier()
         top = tl.sort(packed, descending=True)
         _unpack_store(top, cols, s_row, v_row, p_row, k)
         _fill_empty(v_row, p_row, KP, k, FILL)
@@ -409,7 +425,7 @@ def topk(
     fill = max(16, min(1024, triton.next_power_of_2(k)))
 
     if method == "sort":
-        kp = triton.next_power_of_2(kk)
+        kp = min(max(2, triton.next_power_of_2(kk)), kpad)  # tl.topk needs k >= 2
         _topk_sort_kernel[(B,)](
             scores, m_arg, values, positions,
             K, k,

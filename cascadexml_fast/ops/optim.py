@@ -1,0 +1,63 @@
+"""`sparse_adamw_step`: a fused AdamW update of only the touched rows of a table (in place).
+
+Kernels: C++/OpenMP on CPU; on CUDA the reference for now (a Triton kernel is on the training-ops issue).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _library, reference
+from ._validate import check_tensor
+
+sparse_adamw_step_op = _library.op("sparse_adamw_step")
+_QUALIFIED = _library.NAMESPACE + "::"
+
+_library.LIBRARY.impl("sparse_adamw_step", reference.sparse_adamw_step, "CUDA")
+
+
+@torch.library.register_fake(_QUALIFIED + "sparse_adamw_step")
+def _sparse_adamw_step_fake(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
+                            last_step=None, lr_history=None):
+    return None
+
+
+def sparse_adamw_step(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    last_step: Optional[torch.Tensor] = None,
+    lr_history: Optional[torch.Tensor] = None,
+) -> None:
+    """AdamW (torch.optim.AdamW's update, decoupled weight decay) on the rows `rows` of `param`, in place.
+
+    Args:
+        param: [N, D] table (fp32, bf16 or fp16); exp_avg, exp_avg_sq: its moments, [N, D], fp32 or bf16.
+        rows: int64 [U], unique and ascending (the indices of a coalesced sparse gradient).
+        grad: [U, D] gradients of those rows.
+        step: the optimizer step, 1-based (bias correction uses it).
+        last_step, lr_history: give both for "exact" semantics: last_step (int64 [N], 0 = never updated) records
+            when each row was last updated; a row missing steps replays them as zero-gradient AdamW steps at the
+            learning rates lr_history[j - 1] (float64, one per step so far), so its state matches dense AdamW.
+            Without them the update is "lazy": untouched rows neither move nor decay.
+    """
+    for name, value in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)):
+        check_tensor(name, value, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("rows", rows, dim=1, dtypes=(torch.int64,))
+    for name, value in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("rows", rows), ("grad", grad)):
+        if value.device != param.device:
+            raise ValueError(f"{name} is on {value.device} but param is on {param.device}")
+    if (last_step is None) != (lr_history is None):
+        raise ValueError("exact mode needs both last_step and lr_history (lazy mode neither)")
+    sparse_adamw_step_op(param, exp_avg, exp_avg_sq, rows, grad, int(step), float(lr), float(beta1), float(beta2),
+                         float(eps), float(weight_decay), last_step, lr_history)

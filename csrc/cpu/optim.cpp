@@ -1,0 +1,169 @@
+// Fused row-sparse AdamW on the CPU: reads and writes only the touched rows of a table and its two moments.
+//
+// Lazy mode updates the listed rows with the global step's bias correction. Exact mode (a per-row `last_step`)
+// first replays the steps a row missed as AdamW steps with a zero gradient, so the row ends where dense AdamW
+// over the whole table would have put it (up to fp32 rounding). The replay stops early once the momentum's
+// contribution is far below an ulp of the parameter (or zero: a row never touched has m = v = 0), and applies the
+// remaining weight decay as one product, so catching up costs O(steps with visible momentum), not O(steps).
+#include "cpu/optim.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/checks.h"
+
+namespace cxf {
+namespace {
+
+// Per-step constants for steps [first, step): decay (1 - lr wd), step size lr / (1 - b1^j), 1 / sqrt(1 - b2^j),
+// and the product of the decays from j to step - 1 (double, so that long products do not drift).
+struct Schedule {
+  int64_t first = 0;
+  std::vector<float> decay, step_size, inv_sqrt_bc2;
+  std::vector<double> tail_decay;  // tail_decay[j - first] = prod_{i = j}^{step - 1} decay_i; one extra entry = 1
+};
+
+Schedule make_schedule(int64_t first, int64_t step, const double* lr_history, double beta1, double beta2,
+                       double weight_decay) {
+  Schedule s;
+  s.first = first;
+  const int64_t n = std::max<int64_t>(step - first, 0);
+  s.decay.resize(n);
+  s.step_size.resize(n);
+  s.inv_sqrt_bc2.resize(n);
+  s.tail_decay.assign(n + 1, 1.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = first + i;
+    const double lr = lr_history[j - 1];
+    s.decay[i] = float(1.0 - lr * weight_decay);
+    s.step_size[i] = float(lr / (1.0 - std::pow(beta1, double(j))));
+    s.inv_sqrt_bc2[i] = float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(j))));
+  }
+  for (int64_t i = n - 1; i >= 0; --i) s.tail_decay[i] = s.tail_decay[i + 1] * (1.0 - lr_history[first + i - 1] * weight_decay);
+  return s;
+}
+
+struct Hyper {
+  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2;
+};
+
+template <class P, class S>
+void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const float* grad, int64_t U, int64_t D,
+                 int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched) {
+  at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t row = rows[u];
+      P* p_row = param + row * D;
+      S* m_row = m_state + row * D;
+      S* v_row = v_state + row * D;
+      const float* g_row = grad + u * D;
+      const int64_t first = last_step ? last_step[row] + 1 : step;
+      for (int64_t d = 0; d < D; ++d) {
+        float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
+        int64_t j = first;
+        // Replay missed steps (zero gradient) while the momentum still moves p by more than ~2^-30 of |p|.
+        for (; j < step && m != 0.f; ++j) {
+          const int64_t i = j - sched->first;
+          p *= sched->decay[i];
+          m *= h.beta1;
+          v *= h.beta2;
+          const float delta = sched->step_size[i] * m / (std::sqrt(v) * sched->inv_sqrt_bc2[i] + h.eps);
+          p -= delta;
+          if (std::fabs(delta) <= 0x1.0p-30f * std::fabs(p)) {
+            ++j;
+            break;
+          }
+        }
+        if (j < step) {  // the rest is pure decay of p, m and v
+          const int64_t missed = step - j;
+          p = float(double(p) * sched->tail_decay[j - sched->first]);
+          m *= std::pow(h.beta1, float(missed));
+          v *= std::pow(h.beta2, float(missed));
+        }
+        const float g = g_row[d];
+        p *= h.decay;
+        m = h.beta1 * m + (1.f - h.beta1) * g;
+        v = h.beta2 * v + (1.f - h.beta2) * g * g;
+        p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+        p_row[d] = P(p);
+        m_row[d] = S(m);
+        v_row[d] = S(v);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void sparse_adamw_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           const at::Tensor& rows, const at::Tensor& grad, int64_t step, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, const c10::optional<at::Tensor>& last_step,
+                           const c10::optional<at::Tensor>& lr_history) {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D table, got shape ",
+              param.sizes());
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16 ||
+                  param.scalar_type() == at::kHalf,
+              "param must be float32, bfloat16 or float16, got ", param.scalar_type());
+  for (const auto* state : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(state->sizes() == param.sizes() && state->is_contiguous(),
+                "exp_avg and exp_avg_sq must be contiguous tensors of the shape of param");
+    TORCH_CHECK(state->scalar_type() == at::kFloat || state->scalar_type() == at::kBFloat16,
+                "optimizer state must be float32 or bfloat16, got ", state->scalar_type());
+  }
+  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "exp_avg and exp_avg_sq must share a dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
+  const int64_t U = rows.size(0), N = param.size(0), D = param.size(1);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
+              "] (one row per id in rows), got ", grad.sizes());
+  TORCH_CHECK(step >= 1, "step must be >= 1 (1-based), got ", step);
+  const auto ids = rows.contiguous();
+  const int64_t* r = ids.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
+    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
+                "] = ", r[u], " follows ", r[u - 1]);
+  }
+  const bool exact = last_step.has_value() && last_step->defined();
+  Schedule sched;
+  const int64_t* last = nullptr;
+  if (exact) {
+    TORCH_CHECK(last_step->dim() == 1 && last_step->size(0) == N && last_step->scalar_type() == at::kLong &&
+                    last_step->is_contiguous(),
+                "last_step must be a contiguous int64 tensor of ", N, " entries");
+    TORCH_CHECK(lr_history.has_value() && lr_history->defined() && lr_history->scalar_type() == at::kDouble &&
+                    lr_history->dim() == 1 && lr_history->size(0) >= step - 1,
+                "exact mode needs lr_history: float64 learning rates of steps 1 .. step - 1");
+    last = last_step->data_ptr<int64_t>();
+    int64_t first = step;
+    for (int64_t u = 0; u < U; ++u) {
+      TORCH_CHECK(last[r[u]] >= 0 && last[r[u]] < step, "last_step[", r[u], "] = ", last[r[u]],
+                  " must be in [0, step)");
+      first = std::min(first, last[r[u]] + 1);
+    }
+    const auto hist = lr_history->contiguous();
+    sched = make_schedule(first, step, hist.data_ptr<double>(), beta1, beta2, weight_decay);
+  }
+  const Hyper h{float(beta1), float(beta2), float(eps), float(1.0 - lr * weight_decay),
+                float(lr / (1.0 - std::pow(beta1, double(step)))),
+                float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))};
+  const auto g = grad.to(at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sparse_adamw_step", [&] {
+    using P = scalar_t;
+    if (exp_avg.scalar_type() == at::kFloat)
+      update_rows<P, float>(param.data_ptr<P>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), r,
+                            g.data_ptr<float>(), U, D, step, h, last, &sched);
+    else
+      update_rows<P, at::BFloat16>(param.data_ptr<P>(), exp_avg.data_ptr<at::BFloat16>(),
+                                   exp_avg_sq.data_ptr<at::BFloat16>(), r, g.data_ptr<float>(), U, D, step, h, last,
+                                   &sched);
+  });
+  if (exact) {
+    int64_t* ls = last_step->data_ptr<int64_t>();
+    for (int64_t u = 0; u < U; ++u) ls[r[u]] = step;
+  }
+}
+
+}  // namespace cxf
