@@ -27,6 +27,9 @@ FALLBACKS = {
         f, w, b, o, beams, k, combine, widths
     ),
     "sparse_adamw_step": reference.sparse_adamw_step,
+    "shortlist_bce": lambda x, w, b, idx, po, pi, lw=1.0, sparse_grad=False, deterministic=False: (
+        reference.shortlist_bce(x, w, b, idx, po, pi, lw)
+    ),
 }
 
 module = None  # the loaded cascadexml_fast._C, or None

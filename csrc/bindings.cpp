@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/loss.h"
 #include "cpu/optim.h"
 #include "cpu/search.h"
 #include "cpu/shortlist_score.h"
@@ -17,6 +18,7 @@ TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
   m.impl("block_score", &cxf::block_score_cpu);
   m.impl("cascade_search", &cxf::cascade_search_cpu);
   m.impl("sparse_adamw_step", &cxf::sparse_adamw_step_cpu);
+  m.impl("shortlist_bce", &cxf::shortlist_bce_cpu);
 }
 
 namespace {

@@ -38,6 +38,10 @@ SCHEMAS = {
         "int step, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor(d!)? last_step=None, "
         "Tensor? lr_history=None) -> ()"
     ),
+    "shortlist_bce": (
+        "shortlist_bce(Tensor x, Tensor weight, Tensor? bias, Tensor idx, Tensor pos_offsets, Tensor pos_ids, "
+        "float level_weight=1.0, bool sparse_grad=False, bool deterministic=False) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")

@@ -248,3 +248,50 @@ def sparse_adamw_step(
     param[rows] = p.to(param.dtype)
     exp_avg[rows] = m.to(exp_avg.dtype)
     exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
+
+
+def membership(idx: torch.Tensor, pos_offsets: torch.Tensor, pos_ids: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """y[b, k] = idx[b, k] is one of row b's positives pos_ids[pos_offsets[b] : pos_offsets[b + 1]] (CSR);
+    False at pads. All ids lie in [-1, num_ids). No host sync."""
+    B, K = idx.shape
+    idx = idx.long()
+    counts = (pos_offsets[1:] - pos_offsets[:-1]).long()
+    owner = torch.repeat_interleave(torch.arange(B, device=idx.device), counts, output_size=pos_ids.shape[0])
+    # One sorted key per (row, id): row * span + id + 1, unique per row as ids lie in [-1, num_ids).
+    span = num_ids + 2
+    keys = torch.sort(owner * span + pos_ids.long() + 1).values
+    query = torch.arange(B, device=idx.device).unsqueeze(1) * span + idx + 1
+    if keys.numel() == 0:
+        return torch.zeros_like(idx, dtype=torch.bool)
+    where = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.numel() - 1)
+    found = (keys[where] == query.reshape(-1)).reshape(B, K)
+    return found & (idx >= 0)
+
+
+def shortlist_bce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    pos_offsets: torch.Tensor,
+    pos_ids: torch.Tensor,
+    level_weight: float = 1.0,
+    *,
+    score_fn=None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BCE-with-logits over a shortlist: (loss, d loss / d logits [B, K], logits [B, K]).
+
+    loss = level_weight * mean over the non-pad entries of BCEWithLogits(s[b, k], y[b, k]), y = membership of
+    idx[b, k] in row b's positives (CSR pos_offsets / pos_ids, same id space as idx). Pads give logit -inf and no
+    loss or gradient; with no valid entry the loss is 0. `score_fn` (default: this module's shortlist_score)
+    computes the logits; the rest has no host sync.
+    """
+    logits = (score_fn or shortlist_score)(x, weight, bias, idx)
+    valid = idx >= 0
+    y = membership(idx, pos_offsets, pos_ids, weight.shape[0]).to(logits.dtype)
+    safe = logits.masked_fill(~valid, 0.0)
+    scale = level_weight / valid.sum().clamp(min=1).to(logits.dtype)
+    per_entry = torch.nn.functional.binary_cross_entropy_with_logits(safe, y, reduction="none")
+    loss = (per_entry * valid).sum() * scale
+    grad = ((torch.sigmoid(safe) - y) * valid) * scale
+    return loss, grad, logits

@@ -140,25 +140,34 @@ def _coalesced(ids, values, size):
 
 def _backward(ctx, grad):
     x, weight, idx = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.bias_dtype is not None
+    dx, dw, db = backward_from_logit_grad(
+        grad, x, weight, idx, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.sparse_grad, ctx.deterministic
+    )
+    return dx, dw, db, None, None, None
+
+
+def backward_from_logit_grad(grad, x, weight, idx, needs_input_grad, bias_dtype, sparse_grad, deterministic):
+    """(dx, dweight, dbias) of anything computed from shortlisted logits, given d(output)/d(logits) [B, K].
+    Shared by every op whose logits are shortlist scores (shortlist_score, shortlist_bce)."""
+    need_x, need_w, need_b = needs_input_grad
+    need_b = need_b and bias_dtype is not None
     dx = dw = db = None
     if need_x:
         dx = grad_input_op(grad, weight, idx).to(x.dtype)
     if need_w or need_b:
         num_rows = weight.shape[0]
-        if ctx.sparse_grad:
+        if sparse_grad:
             rows, w_rows, b_rows = grad_weight_rows_op(grad, x, idx, weight.dtype)
             ids = rows.unsqueeze(0)
             if need_w:
                 dw = _coalesced(ids, w_rows.to(weight.dtype), (num_rows, weight.shape[1]))
             if need_b:
-                db = _coalesced(ids, b_rows.to(ctx.bias_dtype), (num_rows,))
+                db = _coalesced(ids, b_rows.to(bias_dtype), (num_rows,))
         else:
-            dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, ctx.deterministic, weight.dtype)
+            dw_full, db_full = grad_weight_op(grad, x, idx, num_rows, deterministic, weight.dtype)
             dw = dw_full.to(weight.dtype) if need_w else None
-            db = db_full.to(ctx.bias_dtype) if need_b else None
-    return dx, dw, db, None, None, None
+            db = db_full.to(bias_dtype) if need_b else None
+    return dx, dw, db
 
 
 torch.library.register_autograd(_QUALIFIED + "shortlist_score", _backward, setup_context=_setup_context)
