@@ -115,6 +115,8 @@ def block_ids(clusters: torch.Tensor, offsets: torch.Tensor, max_children: int) 
     """Tree-order ids [B, C * max_children] of the children blocks [offsets[c], offsets[c+1]) of clusters [B, C];
     -1 for pad clusters and for the slots past a block's end."""
     clusters = clusters.long()
+    if offsets.numel() < 2:  # a level without nodes: every cluster id is a pad
+        return torch.full((clusters.shape[0], clusters.shape[1] * max_children), -1, device=clusters.device)
     valid_cluster = clusters >= 0
     safe = clusters.clamp(min=0)
     starts = offsets[safe]
