@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops.search import beam_search_with_ops, cascade_search
+from .ops import reference
+from .ops.search import beam_search_with_ops, cascade_search, topk
+from .ops.shortlist_bce import shortlist_bce
 from .ops.shortlist_score import shortlist_score
 
 
@@ -107,12 +109,14 @@ class CascadeHead(nn.Module):
         combine: how the last level ranks its candidates: "leaf" (sigmoid of the label's logit) or
             "leaf_x_parent" (times the sigmoid of its parent's logit: CascadeXML's "weighted", LightXML's scheme).
         bias: per-node biases.
+        sparse_grad: the tables' gradients from `loss` are row-sparse (use cx.SparseAdamW).
         dtype, device: of the tables.
 
     Tables start as in CascadeXML: Xavier-uniform weights, zero biases.
     """
 
-    def __init__(self, tree, dim, beams, *, combine: str = "leaf", bias: bool = True, dtype=None, device=None):
+    def __init__(self, tree, dim, beams, *, combine: str = "leaf", bias: bool = True, sparse_grad: bool = False,
+                 dtype=None, device=None):
         super().__init__()
         offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
         perm = torch.as_tensor(tree.perm, dtype=torch.int64)
@@ -132,6 +136,7 @@ class CascadeHead(nn.Module):
         self.dims = dims
         self.beams = beams
         self.combine = combine
+        self.sparse_grad = sparse_grad
         # The padded width of each level's children blocks, known now so that search() never syncs to find it.
         self.max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
         factory = {"device": device, "dtype": dtype}
@@ -140,6 +145,13 @@ class CascadeHead(nn.Module):
         for level, o in enumerate(offsets):
             self.register_buffer(f"offsets_{level}", o.to(device))
         self.register_buffer("perm", perm.to(device))
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel())
+        self.register_buffer("inverse_perm", inverse.to(device))  # original label id -> tree position
+        # parent_l[c] = the node of level l whose children block holds node c of level l + 1
+        for level, o in enumerate(offsets):
+            parent = torch.repeat_interleave(torch.arange(o.numel() - 1), o[1:] - o[:-1])
+            self.register_buffer(f"parent_{level}", parent.to(device))
         self.reset_parameters()
 
     @property
@@ -194,6 +206,56 @@ class CascadeHead(nn.Module):
             0, self.combine, trace=trace,
         )
         return trace
+
+    def level_positives(self, positives):
+        """Per level, the CSR positives (offsets [B + 1], tree-order node ids) of a batch whose labels are given as
+        CSR (offsets, original label ids): the labels' tree positions, then their ancestors level by level."""
+        offsets, label_ids = positives
+        num_labels = self.level_sizes[-1]
+        if label_ids.numel() and (int(label_ids.min()) < 0 or int(label_ids.max()) >= num_labels):
+            raise ValueError(f"positive label ids must lie in [0, {num_labels})")
+        ids = self.inverse_perm[label_ids.long()]
+        per_level = [ids]
+        for level in range(self.num_levels - 2, -1, -1):
+            ids = getattr(self, f"parent_{level}")[ids]
+            per_level.append(ids)
+        return [(offsets, ids) for ids in reversed(per_level)]
+
+    def loss(self, level_features, positives, *, level_weights=None, beams=None, return_shortlists: bool = False):
+        """Training loss: sum over levels of level_weights[l] * BCE over that level's teacher-forced shortlist.
+
+        Level 0 scores all of its nodes. Each further level scores the children of the beams[l-1] nodes of the
+        level above ranked by sigmoid(logit) + target, so every positive node comes first (CascadeXML's teacher
+        forcing; positives beyond the beam are not re-inserted). The BCE is the mean over the valid entries of a
+        level (shortlist_bce: fused scoring + loss, row-sparse table gradients if sparse_grad).
+
+        Args:
+            level_features: one [B, dims[l]] tensor per level (or one tensor for all).
+            positives: (offsets int64 [B + 1], label ids) CSR of each document's labels, in original label ids.
+            return_shortlists: also return [(tree-order ids, detached logits)] of every level.
+        """
+        features, weights, biases = self._level_inputs(level_features)
+        beams = self.beams if beams is None else list(beams)
+        level_weights = [1.0] * self.num_levels if level_weights is None else list(level_weights)
+        targets = self.level_positives(positives)
+        B = features[0].shape[0]
+        ids = torch.arange(self.level_sizes[0], device=features[0].device).expand(B, -1)
+        total = features[0].new_zeros((), dtype=torch.float32)
+        trace = []
+        for level in range(self.num_levels):
+            pos_offsets, pos_ids = targets[level]
+            loss, logits = shortlist_bce(
+                features[level], weights[level], biases[level], ids, pos_offsets, pos_ids,
+                level_weight=level_weights[level], sparse_grad=self.sparse_grad,
+            )
+            total = total + loss
+            trace.append((ids, logits))
+            if level + 1 < self.num_levels:
+                forced = torch.sigmoid(logits) + reference.membership(ids, pos_offsets, pos_ids, self.level_sizes[level])
+                _, pos = topk(forced, beams[level], ids >= 0, validate=False)
+                nodes = reference.ids_at(ids, pos)
+                ids = reference.block_ids(nodes, self.offsets[level], self.max_children[level])
+        return (total, trace) if return_shortlists else total
 
     def extra_repr(self) -> str:
         return (f"level_sizes={self.level_sizes}, dims={self.dims}, beams={self.beams}, combine={self.combine!r}, "

@@ -87,3 +87,56 @@ def test_bad_configurations():
     head = cx.CascadeHead(tree, dim=4, beams=(2, 3))
     with pytest.raises(ValueError, match="one \\[B, D\\] tensor per level"):
         head.search([torch.randn(2, 4)] * 2, k=3)
+
+
+def csr(rows):
+    offsets = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    return offsets, torch.tensor([i for r in rows for i in r], dtype=torch.long)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_loss_teacher_forces_positives_and_matches_manual_bce(sparse_grad):
+    gen = torch.Generator().manual_seed(4)
+    tree = hand_made_tree()
+    head = cx.CascadeHead(tree, dim=6, beams=(2, 3), sparse_grad=sparse_grad)
+    x = torch.randn(3, 6, generator=gen)
+    labels = [[int(tree.perm[0]), int(tree.perm[15])], [], [int(tree.perm[19])]]  # tree positions 0, 15 and 19
+    loss, trace = head.loss(x, csr(labels), level_weights=(1.0, 0.5, 2.0), return_shortlists=True)
+    # Positions 0 (node 0 -> 0), 15 (node 5 -> 2) and 19 (node 6 -> 2) must be in the last level's shortlist.
+    last_ids = trace[-1][0]
+    assert 0 in last_ids[0].tolist() and 15 in last_ids[0].tolist() and 19 in last_ids[2].tolist()
+    manual = 0.0
+    level_targets = head.level_positives(csr(labels))
+    for level, ((ids, _), weight) in enumerate(zip(trace, (1.0, 0.5, 2.0))):
+        offsets, pos_ids = level_targets[level]
+        manual = manual + weight * reference.shortlist_bce(x, head.weights[level], head.biases[level], ids, offsets,
+                                                           pos_ids)[0]
+    torch.testing.assert_close(loss, manual)
+    loss.backward()
+    for w in head.weights:
+        assert w.grad is not None and w.grad.is_sparse == sparse_grad
+
+
+def test_loss_trains_the_head():
+    torch.manual_seed(0)
+    tree = hand_made_tree()
+    head = cx.CascadeHead(tree, dim=8, beams=(2, 4), sparse_grad=True)
+    x = torch.randn(6, 8)
+    labels = [[int(tree.perm[i % 20])] for i in range(0, 18, 3)]
+    opt = cx.SparseAdamW(head.parameters(), lr=0.05, weight_decay=0.0)
+    first = None
+    for _ in range(60):
+        loss = head.loss(x, csr(labels))
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.2 * first
+    found, _ = head.search(x, k=1)
+    assert found[:, 0].tolist() == [r[0] for r in labels]
+
+
+def test_loss_rejects_unknown_labels():
+    head = cx.CascadeHead(hand_made_tree(), dim=4, beams=(2, 3))
+    with pytest.raises(ValueError, match=r"positive label ids must lie in \[0, 20\)"):
+        head.loss(torch.randn(1, 4), csr([[20]]))
