@@ -7,6 +7,7 @@ from ._info import info  # noqa: E402
 from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
 from .ops.optim import sparse_adamw_step  # noqa: E402
 from .ops.search import block_score, cascade_search, topk  # noqa: E402
+from .ops.shortlist_bce import shortlist_bce  # noqa: E402
 from .ops.shortlist_score import shortlist_score  # noqa: E402
 from .tree import LabelTree  # noqa: E402
 from .optim import SparseAdamW  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "cascade_search",
     "info",
     "ops",
+    "shortlist_bce",
     "shortlist_score",
     "sparse_adamw_step",
     "topk",
