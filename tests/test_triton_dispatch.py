@@ -10,7 +10,10 @@ import torch
 
 import cascadexml_fast as cx
 from cascadexml_fast.ops import reference
+from cascadexml_fast.ops import search as search_module
+from cascadexml_fast.ops import shortlist_bce as bce_module
 from cascadexml_fast.ops import shortlist_score as op_module
+from test_search import random_cascade
 from test_shortlist_score import TOL, assert_scores_equal, make_inputs
 
 pytest.importorskip("triton")
@@ -21,12 +24,17 @@ CUDA_IMPLS = {
     "shortlist_score_grad_input": op_module._grad_input_cuda,
     "shortlist_score_grad_weight": op_module._grad_weight_cuda,
     "shortlist_score_grad_weight_rows": op_module._grad_weight_rows_cuda,
+    "topk": search_module._topk_cuda,
+    "block_score": search_module._block_score_cuda,
+    "cascade_search": search_module._cascade_search_cuda,
+    "shortlist_bce": bce_module._shortlist_bce_cuda,
 }
 
 
 @pytest.fixture
 def triton_as_cpu_kernels():
     assert op_module._triton_kernels() is not None, "Triton kernels failed to import"
+    assert search_module._triton_module("topk") is not None and search_module._triton_module("block_score") is not None
     lib = torch.library.Library("cascadexml_fast", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
@@ -62,3 +70,27 @@ def test_float64_goes_to_the_reference(triton_as_cpu_kernels):
     x, w, b, idx = make_inputs(2, 5, 4, 6, torch.float64, torch.float64, torch.float64)
     assert op_module._cuda_kernels(x, w, b) is None
     assert_scores_equal(torch.ops.cascadexml_fast.shortlist_score(x, w, b, idx), reference.shortlist_score(x, w, b, idx))
+
+
+@pytest.mark.parametrize("combine", ["leaf", "leaf_x_parent"])
+def test_cascade_search_on_triton_kernels_matches_reference(triton_as_cpu_kernels, combine):
+    gen = torch.Generator().manual_seed(2)
+    features, weights, biases, offsets = random_cascade([5, 23, 70], [6, 5, 7], 3, gen)
+    ids, scores = cx.cascade_search(features, weights, biases, offsets, [3, 6], 9, combine)
+    ref_ids, ref_scores = reference.cascade_search(features, weights, biases, offsets, [3, 6], 9, combine)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, **TOL)
+
+
+def test_shortlist_bce_on_triton_kernels_matches_reference(triton_as_cpu_kernels):
+    x, w, b, idx = make_inputs(3, 13, 9, 21, pad_fraction=0.2)
+    offsets, ids = torch.tensor([0, 2, 2, 3]), torch.tensor([int(idx[0, 0].clamp(min=0)), 4, 7])
+    xs = x.clone().requires_grad_()
+    loss, logits = cx.shortlist_bce(xs, w, b, idx, offsets, ids, level_weight=0.5)
+    loss.backward()
+    xr = x.clone().requires_grad_()
+    ref_loss, _, ref_logits = reference.shortlist_bce(xr, w, b, idx, offsets, ids, 0.5)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(xs.grad, xr.grad, **TOL)
+    assert_scores_equal(logits, ref_logits.detach())

@@ -40,6 +40,7 @@ to its first max_children rows (as `reference.block_ids` does).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -266,7 +267,9 @@ def block_score(
 
     block_b, block_m, block_d = _grouped_blocks(B, C, num_clusters, M, D)
     sorted_ids, perm, tiles = grouped_tiles(clusters, num_clusters, block_b)
-    lowp = dev.type == "cuda" and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    # The interpreter's bf16 dot is wrong (and fp16 is upcast too, by the house rule): LOWP is compiled code only.
+    lowp = (dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
     grid = (tiles.numel(), triton.cdiv(M, block_m))
     _block_grouped_kernel[grid](
         x, weight, bias_arg, sorted_ids, perm, tiles, offsets, scores, ids,
