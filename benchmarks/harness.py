@@ -9,6 +9,8 @@ Every benchmark script in this folder uses these helpers so that all numbers are
 - ``matmul_peak``    FLOP/s of a large square matmul in a given dtype (the roofline's compute ceiling).
 - ``roofline``       max(bytes / bandwidth, flops / peak), with the bound that wins.
 - ``PeakMemory``     context manager: peak extra memory of the code inside it.
+- ``measure_call``   one call inside ``PeakMemory`` (output kept for checks), then ``time_fn``.
+- ``num_threads``    context manager: torch (and OpenMP kernel) thread count inside a block.
 - ``device_info``    what the numbers were taken on.
 - ``write_results``  ``<name>_<device-slug>.json`` + ``.md`` (+ ``.png``) under ``benchmarks/results``.
 
@@ -16,6 +18,7 @@ Only torch, numpy and the standard library are needed; matplotlib is optional (t
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -316,6 +319,59 @@ def available_memory_bytes(device: Optional[str | torch.device] = None) -> Optio
     except (OSError, ValueError):
         pass
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# threads and one measured call
+
+
+@contextlib.contextmanager
+def num_threads(n: Optional[int]):
+    """``torch.set_num_threads(n)`` inside the block (``None``: unchanged), the previous count restored after.
+    The package's OpenMP kernels follow torch's thread count."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def measure_call(
+    fn: Callable[[], Any],
+    device: Optional[str | torch.device] = None,
+    *,
+    warmup: int = 2,
+    reps: int = 20,
+    min_reps: Optional[int] = None,
+    max_time_s: Optional[float] = None,
+    setup: Optional[Callable[[], Any]] = None,
+    slow_ms: float = 250.0,
+    keep_out: bool = False,
+) -> Dict[str, Any]:
+    """One call inside ``PeakMemory`` (warm-up call 1: it also pays one-time costs such as compilation), then
+    ``time_fn`` with the remaining ``warmup - 1`` warm-up calls. On CPU a first call slower than ``slow_ms`` gets
+    no further warm-up (slow baselines: every extra call costs seconds). Returns ``time_fn``'s dict plus
+    ``extra_mb`` (peak extra memory of call 1, None where unmeasurable), ``first_ms`` (call 1's wall time) and
+    ``out`` (call 1's result when ``keep_out``, for correctness checks; else None)."""
+    device = resolve_device(device)
+    if setup is not None:
+        setup()
+    synchronize(device)
+    t0 = time.perf_counter()
+    with PeakMemory(device) as pm:
+        out = fn()
+    synchronize(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    if not keep_out:
+        out = None
+    more = max(0, warmup - 1)
+    if device.type != "cuda" and first_ms > slow_ms:
+        more = 0
+    t = time_fn(fn, warmup=more, reps=reps, device=device, setup=setup, min_reps=min_reps, max_time_s=max_time_s)
+    return dict(t, extra_mb=pm.extra_mb, first_ms=first_ms, out=out)
 
 
 # ----------------------------------------------------------------------------------------------------------
