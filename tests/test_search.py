@@ -185,3 +185,17 @@ def test_opcheck_search_ops():
     clusters = torch.tensor([[0, 2], [1, -1]])
     torch.library.opcheck(OPS.block_score.default, (features[1], weights[1], biases[1], clusters, offsets[0], 9))
     torch.library.opcheck(OPS.cascade_search.default, (features, weights, biases, offsets, [2], [9], 4, "leaf"))
+
+
+@pytest.mark.parametrize("k", [1, 10, 100, 600])
+def test_topk_long_rows_with_ties_nan_and_masks(k):
+    # Long rows take the bounded-heap path with chunk skipping; ties, NaN, -inf and masks must not disturb it.
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(-3, 3, (8, 5000), generator=gen).float()
+    scores[0, ::7] = float("nan")
+    scores[1] = float("nan")
+    scores[2, :100] = float("-inf")
+    scores[3, 4000:] = 10.0  # the best candidates arrive late
+    mask = torch.rand(8, 5000, generator=gen) > 0.3
+    assert_topk_equal(cx.topk(scores, k), reference.topk(scores, k))
+    assert_topk_equal(cx.topk(scores, k, mask), reference.topk(scores, k, mask))

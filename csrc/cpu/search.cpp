@@ -207,8 +207,15 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
         const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
         const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
         const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+        const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
+        const char* table = static_cast<const char*>(lv[l].W.data_ptr());
         for (int64_t j = 0; j < beam; ++j) {
           std::fill(parent.begin() + j * width, parent.begin() + (j + 1) * width, beam_values[j]);
+          // The next block lies elsewhere in the table: fetch it while this one is scored.
+          if (j + 1 < beam && beam_nodes[j + 1] >= 0) {
+            const int64_t next = beam_nodes[j + 1];
+            prefetch_row(table + off[next] * row_bytes, (off[next + 1] - off[next]) * row_bytes);
+          }
           const int64_t node = beam_nodes[j];
           if (node < 0) continue;
           const int64_t start = off[node], size = off[node + 1] - start;

@@ -31,16 +31,59 @@ inline int64_t unpack_position(uint64_t key) { return int64_t(0xffffffffu - uint
 
 // Top k of scores[0:n] among positions where valid(i) (any callable; all positions if it always says true).
 // Writes k values and positions; slots past the number of candidates get -inf and -1. `keys` is scratch.
+// Small k (the usual case: k << n) keeps a min-heap of the k best keys, so most candidates cost one compare;
+// otherwise all keys are collected and partitioned with nth_element.
 template <class Valid>
 void select_topk(const float* scores, int64_t n, Valid valid, int64_t k, float* out_values, int64_t* out_positions,
                  std::vector<uint64_t>& keys) {
   keys.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (valid(i)) keys.push_back(pack_key(scores[i], i));
-  const int64_t m = std::min<int64_t>(k, int64_t(keys.size()));
-  if (m < int64_t(keys.size()))
-    std::nth_element(keys.begin(), keys.begin() + m, keys.end(), std::greater<uint64_t>());
-  std::sort(keys.begin(), keys.begin() + m, std::greater<uint64_t>());
+  int64_t m = 0;
+  if (k > 0 && 8 * k <= n) {
+    const auto worse = std::greater<uint64_t>();  // with greater<>, the heap's front is the smallest key
+    // Once the heap is full, a score below the k-th best (`bar`) cannot enter: whole chunks whose maximum is
+    // below it are skipped by a vectorisable scan. NaN never passes (it ranks below -inf); a NaN at the front
+    // lowers the bar to -inf so that every number is compared by key.
+    constexpr int64_t kChunk = 64;
+    bool full = false;
+    float bar = -std::numeric_limits<float>::infinity();
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+      const int64_t c1 = std::min(n, c0 + kChunk);
+      if (full) {
+        float high = -std::numeric_limits<float>::infinity();
+        for (int64_t i = c0; i < c1; ++i) high = high < scores[i] ? scores[i] : high;
+        if (high < bar) continue;
+      }
+      for (int64_t i = c0; i < c1; ++i) {
+        const float s = scores[i];
+        if ((full && !(s >= bar)) || !valid(i)) continue;
+        const uint64_t key = pack_key(s, i);
+        if (!full) {
+          keys.push_back(key);
+          std::push_heap(keys.begin(), keys.end(), worse);
+          full = int64_t(keys.size()) == k;
+        } else if (key > keys.front()) {
+          std::pop_heap(keys.begin(), keys.end(), worse);
+          keys.back() = key;
+          std::push_heap(keys.begin(), keys.end(), worse);
+        } else {
+          continue;
+        }
+        if (full) {
+          const float front = scores[unpack_position(keys.front())];
+          bar = std::isnan(front) ? -std::numeric_limits<float>::infinity() : front;
+        }
+      }
+    }
+    m = int64_t(keys.size());
+    std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      if (valid(i)) keys.push_back(pack_key(scores[i], i));
+    m = std::min<int64_t>(k, int64_t(keys.size()));
+    if (m < int64_t(keys.size()))
+      std::nth_element(keys.begin(), keys.begin() + m, keys.end(), std::greater<uint64_t>());
+    std::sort(keys.begin(), keys.begin() + m, std::greater<uint64_t>());
+  }
   for (int64_t j = 0; j < m; ++j) {
     const int64_t p = unpack_position(keys[j]);
     out_positions[j] = p;
