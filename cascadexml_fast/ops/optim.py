@@ -1,9 +1,10 @@
 """`sparse_adamw_step`: a fused AdamW update of only the touched rows of a table (in place).
 
-Kernels: C++/OpenMP on CPU; on CUDA the reference for now (a Triton kernel is on the training-ops issue).
+Kernels: C++/OpenMP on CPU, Triton on CUDA (the reference where Triton is missing).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -14,7 +15,26 @@ from ._validate import check_tensor
 sparse_adamw_step_op = _library.op("sparse_adamw_step")
 _QUALIFIED = _library.NAMESPACE + "::"
 
-_library.LIBRARY.impl("sparse_adamw_step", reference.sparse_adamw_step, "CUDA")
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    try:
+        from ..kernels.triton import optim as kernels
+
+        return kernels
+    except ImportError:
+        return None
+
+
+def _sparse_adamw_step_cuda(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
+                            last_step=None, lr_history=None):
+    kernels = _triton_kernels()
+    args = (param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay, last_step, lr_history)
+    if kernels is None or torch.float64 in (param.dtype, exp_avg.dtype):
+        return reference.sparse_adamw_step(*args)
+    kernels.sparse_adamw_step(*args)
+
+
+_library.LIBRARY.impl("sparse_adamw_step", _sparse_adamw_step_cuda, "CUDA")
 
 
 @torch.library.register_fake(_QUALIFIED + "sparse_adamw_step")

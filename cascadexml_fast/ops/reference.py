@@ -241,7 +241,7 @@ def sparse_adamw_step(
     p, m, v = param[rows].float(), exp_avg[rows].float(), exp_avg_sq[rows].float()
     hyper = (beta1, beta2, eps, weight_decay)
     if last_step is not None:
-        zero = torch.zeros_like(p[0])
+        zero = p.new_zeros(p.shape[1:])
         for i, row in enumerate(rows.tolist()):
             for j in range(int(last_step[row]) + 1, step):
                 p[i], m[i], v[i] = adamw_update(p[i], m[i], v[i], zero, j, float(lr_history[j - 1]), *hyper)
