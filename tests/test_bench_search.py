@@ -36,7 +36,7 @@ def test_measure_call_keeps_first_output():
         calls.append(1)
         return torch.full((2,), float(len(calls)))
 
-    m = harness.measure_call(fn, "cpu", warmup=2, reps=4, keep_out=True)
+    m = harness.measure_call(fn, "cpu", warmup=2, reps=4, keep_out=True, slow_ms=float("inf"))
     assert m["n"] == 4 and len(calls) == 1 + 1 + 4  # call 1 (memory), 1 more warm-up, 4 timed
     assert torch.equal(m["out"], torch.full((2,), 1.0))
     assert m["first_ms"] > 0 and m["p10_ms"] <= m["median_ms"] <= m["p90_ms"]
