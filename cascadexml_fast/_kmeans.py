@@ -15,19 +15,20 @@ level of ``2^b`` nodes is the snapshot after round ``b`` (CascadeXML's scheme).
 
 One round (``_run_round``): every node to split gets two random distinct members as centres; then, until the
 node's objective gains less than ``tol`` (or ``max_iter``), for all still-active nodes at once:
-  1. ``d_i = <z_i, c1 - c2>`` for every label of every active node (dense: gathered rows times one centre per node,
-     as batched bf16/fp32 matmuls over tiles of consecutive positions; sparse: one scipy mat-vec on the round's
-     per-node compressed feature space);
+  1. ``d_i = <z_i, c1 - c2>`` for every label of every active node (dense: the round's rows are gathered once,
+     normalised, into node-contiguous order, then batched bf16/fp32 matmuls of row tiles against the few centre
+     differences each tile touches; sparse: one scipy mat-vec on the round's per-node compressed feature space);
   2. a segmented sort by ``-d`` (one padded ``[nodes, max_size]`` ``torch.sort``, stable): the first ``n_left``
      labels of each node go left, the rest right (the sizes fixed by the schedule);
-  3. child sums (``embedding_bag`` over the new order / a sparse mat-vec), new normalised centres, and the
-     objective ``(|s_left| + |s_right|) / n`` (mean cosine to the own centre; it never decreases).
+  3. left-child sums (``embedding_bag`` with 0/1 weights over consecutive rows / a sparse mat-vec; right =
+     node total - left), new normalised centres, and the objective ``(|s_left| + |s_right|) / n`` (mean cosine
+     to the own centre; it never decreases). Nodes whose gain fell below ``tol`` drop out of the active set.
 No Python loop over nodes or labels; loops are over rounds, iterations and fixed-size row chunks.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple  # noqa: F401
 
 import numpy as np
 import torch
@@ -145,7 +146,10 @@ class DenseBackend:
         step = max(1, (1 << 24) // max(F, 1))
         for s in range(0, L, step):
             x = features[s:s + step]
-            nrm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+            if x.dtype == torch.float64:
+                nrm = torch.linalg.vector_norm(x, dim=1).to(torch.float32)
+            else:
+                nrm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
             if not bool(torch.isfinite(nrm).all()):
                 bad = ~torch.isfinite(x).all(dim=1)
                 if bool(bad.any()):
@@ -167,13 +171,13 @@ class DenseBackend:
             self.Wr = None
             self.Wr = torch.empty((M + pad, F), dtype=self.dtype, device=self.device)
         Wr = self.Wr
-        step = max(1, (1 << 26) // max(F * self.X.element_size(), 1))
+        step = max(1, (1 << 24) // max(F, 1))
         lab0 = lab0.to(self.device)
         for s in range(0, M, step):
             idx = lab0[s:s + step]
-            # one fused kernel: gathered rows times their inverse norms, computed in fp32, stored in the compute dtype
-            torch.mul(self.X.index_select(0, idx), self.inv_norm.index_select(0, idx)[:, None],
-                      out=Wr[s:s + idx.numel()])
+            x = self.X.index_select(0, idx).to(torch.float32)
+            x *= self.inv_norm.index_select(0, idx)[:, None]
+            Wr[s:s + idx.numel()].copy_(x)
         Wr[M:M + pad].zero_()
         self.M = M
         self.seg = seg
@@ -293,7 +297,7 @@ class SparseBackend:
         import scipy.sparse as sp
 
         lab = lab0.numpy()
-        seg = seg.numpy()
+        seg = seg.numpy().astype(np.int32 if K < 2**31 - 1 else np.int64)
         Zc = self.Z[lab].tocsc()
         Zc.sort_indices()
         node = seg[Zc.indices]

@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -212,7 +213,10 @@ class LabelTree:
             if isinstance(label_features, np.ndarray):
                 if label_features.dtype.kind != "f":
                     raise ValueError(f"label_features must be floating point, got dtype {label_features.dtype}")
-                label_features = torch.from_numpy(np.ascontiguousarray(label_features))
+                arr = np.ascontiguousarray(label_features)
+                with warnings.catch_warnings():  # read-only (e.g. memory-mapped) input: it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    label_features = torch.from_numpy(arr)
             elif not isinstance(label_features, torch.Tensor):
                 raise ValueError("label_features must be a numpy array, a torch tensor or a scipy.sparse matrix, "
                                  f"got {type(label_features).__name__}")
@@ -309,19 +313,19 @@ class LabelTree:
                 raise ValueError(f"assignments[{j}] does not nest in assignments[{j - 1}]: the labels of node "
                                  f"{int(levels[j][bad])} have more than one parent")
         perm = np.lexsort([np.arange(L)] + levels[::-1])
+        # nodes are renumbered in tree order: a new node starts wherever its id changes along the sorted labels
+        starts = []
+        for a in levels:
+            seq = a[perm]
+            first = np.ones(L, dtype=bool)
+            first[1:] = seq[1:] != seq[:-1]
+            starts.append(first)
         offsets = []
         for j in range(len(levels)):
-            if j + 1 < len(levels):
-                # children of node c: the next level's nodes whose parent is c, in order of first appearance
-                child_sorted = levels[j + 1][perm]
-                first = np.ones(L, dtype=bool)
-                first[1:] = child_sorted[1:] != child_sorted[:-1]
-                parents_of_children = levels[j][perm][first]
-                cnt = np.bincount(parents_of_children, minlength=level_sizes[j])
-            else:
-                cnt = np.bincount(levels[j], minlength=level_sizes[j])
+            seg = np.cumsum(starts[j]) - 1  # tree-order node of level j at every sorted label
+            below = starts[j + 1] if j + 1 < len(levels) else np.ones(L, dtype=bool)
+            cnt = np.bincount(seg[below], minlength=level_sizes[j])
             offsets.append(np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64))
-        # renumbering: node ids in tree order follow the lexsort, which sorts by (level 0, level 1, ...)
         return cls(offsets, perm, meta=dict(meta or {}, algorithm=(meta or {}).get("algorithm", "given")))
 
     @classmethod
@@ -380,29 +384,41 @@ class LabelTree:
 
     # ---- id conversion
 
-    def _convert(self, ids, table: torch.Tensor, name: str):
+    def _table(self, which: str, device: torch.device) -> torch.Tensor:
+        """``perm`` / ``inv_perm`` on ``device``, copied there once and cached."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (which, str(device))
+        src = self.perm if which == "perm" else self.inv_perm
+        if device.type == "cpu":
+            return src
+        if key not in cache or cache[key].numel() != src.numel():
+            cache[key] = src.to(device)
+        return cache[key]
+
+    def _convert(self, ids, which: str, name: str, validate: bool):
         was_np = not isinstance(ids, torch.Tensor)
         t = torch.as_tensor(np.asarray(ids)) if was_np else ids
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer ids, got dtype {t.dtype}")
-        if t.numel():
+        if validate and t.numel():  # (a host sync on GPU: pass validate=False in a trusted hot loop)
             lo, hi = int(t.min()), int(t.max())
             if lo < -1 or hi >= self.num_labels:
                 raise ValueError(f"{name} out of range: ids must be in [0, {self.num_labels}) or -1 (pad), "
                                  f"got min {lo}, max {hi}")
-        tab = table.to(t.device)
+        tab = self._table(which, t.device)
         t64 = t.to(torch.int64)
         out = torch.where(t64 >= 0, tab[t64.clamp_min(0)], t64)
         out = out.to(t.dtype) if t.dtype in (torch.int32, torch.int64) else out
         return out.cpu().numpy() if was_np else out
 
-    def to_tree_ids(self, label_ids):
-        """Original label ids -> tree-order ids (same shape and container; -1 pads stay -1)."""
-        return self._convert(label_ids, self.inv_perm, "label_ids")
+    def to_tree_ids(self, label_ids, validate: bool = True):
+        """Original label ids -> tree-order ids (same shape, dtype, device and container; -1 pads stay -1).
+        ``validate=False`` skips the range check (no host sync; ids must then be in range)."""
+        return self._convert(label_ids, "inv_perm", "label_ids", validate)
 
-    def to_label_ids(self, tree_ids):
-        """Tree-order ids -> original label ids (same shape and container; -1 pads stay -1)."""
-        return self._convert(tree_ids, self.perm, "tree_ids")
+    def to_label_ids(self, tree_ids, validate: bool = True):
+        """Tree-order ids -> original label ids (same shape, dtype, device and container; -1 pads stay -1)."""
+        return self._convert(tree_ids, "perm", "tree_ids", validate)
 
     # ---- validation
 

@@ -140,3 +140,22 @@ def test_loss_rejects_unknown_labels():
     head = cx.CascadeHead(hand_made_tree(), dim=4, beams=(2, 3))
     with pytest.raises(ValueError, match=r"positive label ids must lie in \[0, 20\)"):
         head.loss(torch.randn(1, 4), csr([[20]]))
+
+
+def test_head_on_a_built_label_tree():
+    # Labels in 8 planted clusters; a head trained on "document i has label i" must find it again by search.
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.randn(8, 16, generator=gen)
+    features = (centres.repeat_interleave(25, 0) + 0.1 * torch.randn(200, 16, generator=gen)).numpy()
+    tree = cx.LabelTree.build(features, level_sizes=(8,))
+    head = cx.CascadeHead(tree, dim=16, beams=(3,), sparse_grad=True)
+    labels = torch.arange(0, 200, 20)
+    x = torch.randn(labels.numel(), 16, generator=gen)
+    positives = (torch.arange(labels.numel() + 1), labels)
+    opt = cx.SparseAdamW(head.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(80):
+        head.loss(x, positives).backward()
+        opt.step()
+        opt.zero_grad()
+    found, _ = head.search(x, k=1)
+    assert torch.equal(found[:, 0], labels)
