@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (defines the op schemas, fake impls and autograd)
 from . import _extension  # noqa: E402,F401  (attaches the C++ CPU kernels, or the reference fallback)
+from . import data, metrics  # noqa: E402
 from ._info import info  # noqa: E402
 from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
 from .ops.optim import sparse_adamw_step  # noqa: E402
@@ -20,7 +21,9 @@ __all__ = [
     "__version__",
     "block_score",
     "cascade_search",
+    "data",
     "info",
+    "metrics",
     "ops",
     "shortlist_bce",
     "shortlist_score",

