@@ -27,10 +27,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 try:  # imported as benchmarks.bench_cascade (tests), or run as a script from anywhere
     from benchmarks import harness
+    from benchmarks.trees import TREES, Tree
     from benchmarks import bench_topk as _bt
 except ImportError:  # appended, not prepended: an installed cascadexml_fast keeps precedence over the tree
     sys.path.append(str(REPO))
     from benchmarks import harness
+    from benchmarks.trees import TREES, Tree
     from benchmarks import bench_topk as _bt
 
 NAME = "cascade"
@@ -50,34 +52,6 @@ SCALE = 0.05  # std of the random tables: logits = <x, w> + b with x ~ N(0, 1), 
 # trees, inputs
 
 
-@dataclass(frozen=True)
-class Tree:
-    name: str
-    sizes: Tuple[int, ...]  # nodes per level, the last = labels
-    beams: Tuple[int, ...]  # len = levels - 1
-
-    @property
-    def levels(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def L(self) -> int:
-        return self.sizes[-1]
-
-    def offsets(self) -> List[torch.Tensor]:
-        """Evenly split children: node c of level i owns rows [floor(c m / n), floor((c + 1) m / n)) of level i+1."""
-        return [torch.div(torch.arange(n + 1, dtype=torch.int64) * m, n, rounding_mode="floor")
-                for n, m in zip(self.sizes[:-1], self.sizes[1:])]
-
-    def max_children(self) -> List[int]:
-        return [int((o[1:] - o[:-1]).max()) for o in self.offsets()]
-
-
-TREES = {
-    "670k": Tree("670k", (1024, 8192, 65536, 670091), (128, 256, 400)),
-    "2.8m": Tree("2.8m", (1024, 16384, 262144, 2812281), (128, 256, 400)),
-    "tiny": Tree("tiny", (16, 64, 512, 4000), (4, 8, 12)),
-}
 
 
 @dataclass(frozen=True)
