@@ -177,66 +177,92 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
   int64_t* oid = out_ids.data_ptr<int64_t>();
   float* osc = out_scores.data_ptr<float>();
 
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // Runs body(j0, j1) over [0, n): split across threads when one document has the machine to itself (B smaller
+  // than the thread count: latency), inline when the threads already work on different documents (throughput).
+  const bool split_documents = B < at::get_num_threads();
+  auto for_range = [&](int64_t n, int64_t grain, const auto& body) {
+    if (split_documents)
+      at::parallel_for(0, n, grain, body);
+    else
+      body(0, n);
+  };
+
+  // Scratch of one document's search, reused across the documents a thread handles.
+  struct Scratch {
     std::vector<uint64_t> keys;
     std::vector<float> scores, parent, final_scores, beam_values;
     std::vector<int64_t> ids, beam_pos, beam_nodes;
-    for (int64_t b = begin; b < end; ++b) {
-      // Level 0: every node.
-      const int64_t n0 = lv[0].W.size(0);
-      scores.assign(n0, 0.f);
-      ids.resize(n0);
-      for (int64_t i = 0; i < n0; ++i) ids[i] = i;
-      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
-                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, scores.data());
-      parent.assign(n0, 0.f);
-      bool has_parent = false;
-      for (int64_t l = 1; l < levels; ++l) {
-        // Keep the best beams[l-1] nodes of level l-1 by raw score...
-        const int64_t beam = beams[l - 1], width = max_children[l - 1];
-        beam_values.resize(beam);
-        beam_pos.resize(beam);
-        select_topk(scores.data(), int64_t(scores.size()), [&](int64_t i) { return ids[i] >= 0; }, beam,
-                    beam_values.data(), beam_pos.data(), keys);
-        beam_nodes.resize(beam);
-        for (int64_t j = 0; j < beam; ++j) beam_nodes[j] = beam_pos[j] < 0 ? -1 : ids[beam_pos[j]];
-        // ...and score all their children at level l, each block padded to `width` slots.
-        scores.assign(beam * width, kNegInf);
-        ids.assign(beam * width, -1);
-        parent.resize(beam * width);
-        const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
-        const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
-        const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
-        const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
-        const char* table = static_cast<const char*>(lv[l].W.data_ptr());
-        for (int64_t j = 0; j < beam; ++j) {
-          std::fill(parent.begin() + j * width, parent.begin() + (j + 1) * width, beam_values[j]);
+  };
+
+  auto search_document = [&](int64_t b, Scratch& s) {
+    // Level 0: every node.
+    const int64_t n0 = lv[0].W.size(0);
+    s.scores.assign(n0, 0.f);
+    s.ids.resize(n0);
+    for (int64_t i = 0; i < n0; ++i) s.ids[i] = i;
+    for_range(n0, 128, [&](int64_t r0, int64_t r1) {
+      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, r0, r1 - r0,
+                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, s.scores.data() + r0);
+    });
+    s.parent.assign(n0, 0.f);
+    bool has_parent = false;
+    for (int64_t l = 1; l < levels; ++l) {
+      // Keep the best beams[l-1] nodes of level l-1 by raw score...
+      const int64_t beam = beams[l - 1], width = max_children[l - 1];
+      s.beam_values.resize(beam);
+      s.beam_pos.resize(beam);
+      select_topk(s.scores.data(), int64_t(s.scores.size()), [&](int64_t i) { return s.ids[i] >= 0; }, beam,
+                  s.beam_values.data(), s.beam_pos.data(), s.keys);
+      s.beam_nodes.resize(beam);
+      for (int64_t j = 0; j < beam; ++j) s.beam_nodes[j] = s.beam_pos[j] < 0 ? -1 : s.ids[s.beam_pos[j]];
+      // ...and score all their children at level l, each block padded to `width` slots.
+      s.scores.assign(beam * width, kNegInf);
+      s.ids.assign(beam * width, -1);
+      s.parent.resize(beam * width);
+      const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
+      const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
+      const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+      const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
+      const char* table = static_cast<const char*>(lv[l].W.data_ptr());
+      for_range(beam, 16, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          std::fill(s.parent.begin() + j * width, s.parent.begin() + (j + 1) * width, s.beam_values[j]);
           // The next block lies elsewhere in the table: fetch it while this one is scored.
-          if (j + 1 < beam && beam_nodes[j + 1] >= 0) {
-            const int64_t next = beam_nodes[j + 1];
+          if (j + 1 < j1 && s.beam_nodes[j + 1] >= 0) {
+            const int64_t next = s.beam_nodes[j + 1];
             prefetch_row(table + off[next] * row_bytes, (off[next + 1] - off[next]) * row_bytes);
           }
-          const int64_t node = beam_nodes[j];
+          const int64_t node = s.beam_nodes[j];
           if (node < 0) continue;
           const int64_t start = off[node], size = off[node + 1] - start;
-          lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, scores.data() + j * width);
-          for (int64_t t = 0; t < size; ++t) ids[j * width + t] = start + t;
+          lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, s.scores.data() + j * width);
+          for (int64_t t = 0; t < size; ++t) s.ids[j * width + t] = start + t;
         }
-        has_parent = true;
-      }
-      // Final ranking of the last level's candidates.
-      const int64_t n = int64_t(scores.size());
-      final_scores.resize(n);
-      for (int64_t i = 0; i < n; ++i) {
-        final_scores[i] = sigmoid(scores[i]);
-        if (weighted && has_parent) final_scores[i] *= sigmoid(parent[i]);
-      }
-      beam_pos.resize(k);
-      select_topk(final_scores.data(), n, [&](int64_t i) { return ids[i] >= 0; }, k, osc + b * k, beam_pos.data(),
-                  keys);
-      for (int64_t j = 0; j < k; ++j) oid[b * k + j] = beam_pos[j] < 0 ? -1 : ids[beam_pos[j]];
+      });
+      has_parent = true;
     }
-  });
+    // Final ranking of the last level's candidates.
+    const int64_t n = int64_t(s.scores.size());
+    s.final_scores.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      s.final_scores[i] = sigmoid(s.scores[i]);
+      if (weighted && has_parent) s.final_scores[i] *= sigmoid(s.parent[i]);
+    }
+    s.beam_pos.resize(k);
+    select_topk(s.final_scores.data(), n, [&](int64_t i) { return s.ids[i] >= 0; }, k, osc + b * k,
+                s.beam_pos.data(), s.keys);
+    for (int64_t j = 0; j < k; ++j) oid[b * k + j] = s.beam_pos[j] < 0 ? -1 : s.ids[s.beam_pos[j]];
+  };
+
+  if (split_documents) {
+    Scratch scratch;
+    for (int64_t b = 0; b < B; ++b) search_document(b, scratch);
+  } else {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t b = begin; b < end; ++b) search_document(b, scratch);
+    });
+  }
   return {out_ids, out_scores};
 }
 
