@@ -60,20 +60,152 @@ void score_block_erased(const float* x, const void* W, int64_t D, int64_t start,
   score_block<L>(x, static_cast<const typename L::T*>(W), D, start, n, bias, out);
 }
 
+// One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
+// are the outer loop, so each row is read from memory once and reused from L1 by every document.
+template <class L>
+CXF_MULTIVERSION void score_block_docs(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
+                                       int64_t m, const typename L::T* W, int64_t start, int64_t n,
+                                       const float* bias, float* out) {
+  const typename L::T* row = W + start * D;
+  for (int64_t j = 0; j < n; ++j, row += D) {
+    const float b = bias ? bias[start + j] : 0.f;
+    for (int64_t i = 0; i < m; ++i) out[out_base[i] + j] = dot<L>(X + doc[i] * D, row, D) + b;
+  }
+}
+
+using GroupScorer = void (*)(const float*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
+                             int64_t, const float*, float*);
+
+template <class L>
+void score_block_docs_erased(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
+                             const void* W, int64_t start, int64_t n, const float* bias, float* out) {
+  score_block_docs<L>(X, D, doc, out_base, m, static_cast<const typename L::T*>(W), start, n, bias, out);
+}
+
 // One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype.
 struct Level {
   at::Tensor x, W, bias, offsets;
   BlockScorer scorer = nullptr;
+  GroupScorer group_scorer = nullptr;
   int64_t D = 0;
 };
 
-BlockScorer scorer_for(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return &score_block_erased<F32>;
-    case at::kBFloat16: return &score_block_erased<BF16>;
-    case at::kHalf: return &score_block_erased<F16>;
-    default: TORCH_CHECK(false, "cascade_search: unsupported table dtype ", t);
+void set_scorers(Level& level) {
+  switch (level.W.scalar_type()) {
+    case at::kFloat:
+      level.scorer = &score_block_erased<F32>;
+      level.group_scorer = &score_block_docs_erased<F32>;
+      break;
+    case at::kBFloat16:
+      level.scorer = &score_block_erased<BF16>;
+      level.group_scorer = &score_block_docs_erased<BF16>;
+      break;
+    case at::kHalf:
+      level.scorer = &score_block_erased<F16>;
+      level.group_scorer = &score_block_docs_erased<F16>;
+      break;
+    default: TORCH_CHECK(false, "cascade_search: unsupported table dtype ", level.W.scalar_type());
   }
+}
+
+// Batches of at least this many documents run level by level with the blocks grouped across documents.
+constexpr int64_t kGroupedMinDocs = 8;
+
+// The cascade for a batch, level by level: every document picks its beam, then the (node, document) pairs are
+// grouped by node so that each children block is read from memory once and scored for all the documents that
+// chose it (PECOS MSCM's idea). The same dot products as the per-document path, so the same bits.
+void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::IntArrayRef max_children, int64_t k,
+                    bool weighted, int64_t B, int64_t* out_ids, float* out_scores) {
+  const int64_t levels = int64_t(lv.size());
+  const int64_t n0 = lv[0].W.size(0);
+  int64_t K = n0;
+  std::vector<float> scores(B * K), parent(B * K, 0.f);
+  std::vector<int64_t> ids(B * K);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
+                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, scores.data() + b * K);
+      for (int64_t i = 0; i < n0; ++i) ids[b * K + i] = i;
+    }
+  });
+  for (int64_t l = 1; l < levels; ++l) {
+    const int64_t beam = beams[l - 1], width = max_children[l - 1], K_next = beam * width;
+    // Each document's beam (by raw score) at level l - 1.
+    std::vector<float> beam_values(B * beam);
+    std::vector<int64_t> beam_nodes(B * beam);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint64_t> keys;
+      std::vector<int64_t> pos(beam);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t* row_ids = ids.data() + b * K;
+        select_topk(scores.data() + b * K, K, [&](int64_t i) { return row_ids[i] >= 0; }, beam,
+                    beam_values.data() + b * beam, pos.data(), keys);
+        for (int64_t j = 0; j < beam; ++j) beam_nodes[b * beam + j] = pos[j] < 0 ? -1 : row_ids[pos[j]];
+      }
+    });
+    // Group the (node, output slot) pairs by node: counting sort, stable in (document, beam slot) order.
+    const int64_t nodes = lv[l - 1].W.size(0);
+    std::vector<int64_t> group_start(nodes + 1, 0);
+    for (int64_t p = 0; p < B * beam; ++p)
+      if (beam_nodes[p] >= 0) ++group_start[beam_nodes[p] + 1];
+    for (int64_t c = 0; c < nodes; ++c) group_start[c + 1] += group_start[c];
+    const int64_t pairs = group_start[nodes];
+    std::vector<int64_t> fill(group_start.begin(), group_start.end() - 1), pair_doc(pairs), pair_base(pairs);
+    for (int64_t p = 0; p < B * beam; ++p) {
+      const int64_t node = beam_nodes[p];
+      if (node < 0) continue;
+      const int64_t at = fill[node]++;
+      pair_doc[at] = p / beam;
+      pair_base[at] = (p / beam) * K_next + (p % beam) * width;
+    }
+    std::vector<int64_t> chosen;
+    for (int64_t c = 0; c < nodes; ++c)
+      if (group_start[c + 1] > group_start[c]) chosen.push_back(c);
+
+    std::vector<float> next_scores(B * K_next, kNegInf), next_parent(B * K_next);
+    std::vector<int64_t> next_ids(B * K_next, -1);
+    for (int64_t p = 0; p < B * beam; ++p)
+      std::fill(next_parent.begin() + p * width, next_parent.begin() + (p + 1) * width, beam_values[p]);
+    const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
+    const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+    const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
+    const char* table = static_cast<const char*>(lv[l].W.data_ptr());
+    at::parallel_for(0, int64_t(chosen.size()), 4, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        if (g + 1 < end) {
+          const int64_t next = chosen[g + 1];
+          prefetch_row(table + off[next] * row_bytes, (off[next + 1] - off[next]) * row_bytes);
+        }
+        const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
+        const int64_t start = off[node], size = off[node + 1] - start;
+        lv[l].group_scorer(lv[l].x.data_ptr<float>(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
+                           lv[l].W.data_ptr(), start, size, bias, next_scores.data());
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t t = 0; t < size; ++t) next_ids[pair_base[first + i] + t] = start + t;
+      }
+    });
+    scores.swap(next_scores);
+    ids.swap(next_ids);
+    parent.swap(next_parent);
+    K = K_next;
+  }
+  // Final ranking per document.
+  const bool has_parent = levels > 1;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys;
+    std::vector<float> final_scores(K);
+    std::vector<int64_t> pos(k);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = 0; i < K; ++i) {
+        final_scores[i] = sigmoid(scores[b * K + i]);
+        if (weighted && has_parent) final_scores[i] *= sigmoid(parent[b * K + i]);
+      }
+      const int64_t* row_ids = ids.data() + b * K;
+      select_topk(final_scores.data(), K, [&](int64_t i) { return row_ids[i] >= 0; }, k, out_scores + b * k,
+                  pos.data(), keys);
+      for (int64_t j = 0; j < k; ++j) out_ids[b * k + j] = pos[j] < 0 ? -1 : row_ids[pos[j]];
+    }
+  });
 }
 
 }  // namespace
@@ -148,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
                 " and ", W.sizes());
     lv[l].x = features[l].to(at::kFloat).contiguous();
     lv[l].W = (W.scalar_type() == at::kDouble ? W.to(at::kFloat) : W).contiguous();
-    lv[l].scorer = scorer_for(lv[l].W.scalar_type());
+    set_scorers(lv[l]);
     lv[l].D = W.size(1);
     const auto& b = biases.get(l);
     if (b.has_value() && b->defined()) {
@@ -254,6 +386,10 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
     for (int64_t j = 0; j < k; ++j) oid[b * k + j] = s.beam_pos[j] < 0 ? -1 : s.ids[s.beam_pos[j]];
   };
 
+  if (!split_documents && B >= kGroupedMinDocs) {
+    grouped_search(lv, beams, max_children, k, weighted, B, oid, osc);
+    return {out_ids, out_scores};
+  }
   if (split_documents) {
     Scratch scratch;
     for (int64_t b = 0; b < B; ++b) search_document(b, scratch);
