@@ -26,7 +26,8 @@ FALLBACKS = {
     "cascade_search": lambda f, w, b, o, beams, widths, k, combine="leaf": reference.cascade_search(
         f, w, b, o, beams, k, combine, widths
     ),
-    "sparse_adamw_step": reference.sparse_adamw_step,
+    "sparse_adamw_step": reference.sparse_adamw_step_sr,
+    "sparse_rowwise_adagrad_step": reference.sparse_rowwise_adagrad_step,
     "shortlist_bce": lambda x, w, b, idx, po, pi, lw=1.0, sparse_grad=False, deterministic=False: (
         reference.shortlist_bce(x, w, b, idx, po, pi, lw)
     ),

@@ -1,4 +1,6 @@
-"""Optimizers for huge label tables: `SparseAdamW` updates only the rows a step touched."""
+"""Optimizers for huge label tables, updating only the rows a step touched: `SparseAdamW` and
+`SparseRowwiseAdagrad` (one fp32 accumulator per row, FBGEMM's EXACT_ROWWISE_ADAGRAD). Both take bf16 / fp16
+tables with optional stochastic rounding."""
 from __future__ import annotations
 
 import warnings
@@ -6,7 +8,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
-from .ops.optim import sparse_adamw_step
+from .ops.optim import sparse_adamw_step, sparse_rowwise_adagrad_step
 
 
 def _rows_and_values(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +34,36 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-class SparseAdamW(torch.optim.Optimizer):
+def _as_table(t: torch.Tensor) -> torch.Tensor:
+    """Tables as they are, biases [N] as [N, 1]."""
+    return t.view(t.shape[0], -1) if t.dim() == 1 else t
+
+
+class _SparseRowOptimizer(torch.optim.Optimizer):
+    """What the row-sparse optimizers share: reading a sparse or dense gradient as (rows, values), the checks,
+    and the non-finite policy (group["skip_nonfinite"])."""
+
+    def _touched(self, p: torch.Tensor, group) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, values [U, D]) of p's gradient, or None when there is nothing to do (no gradient, or a
+        non-finite one that is skipped with a warning)."""
+        name = type(self).__name__
+        if p.grad is None:
+            return None
+        if p.dim() not in (1, 2):
+            raise ValueError(f"{name} updates 2-D tables and 1-D biases; got shape {tuple(p.shape)}")
+        if p.grad.device != p.device:
+            raise ValueError(f"gradient on {p.grad.device} for a parameter on {p.device}")
+        rows, values = _rows_and_values(p.grad)
+        if not _all_finite(values):
+            if not group["skip_nonfinite"]:
+                raise FloatingPointError(f"non-finite gradient (NaN or inf) in {name}")
+            warnings.warn(f"{name}: non-finite gradient; this parameter's update is skipped this step",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return rows, _as_table(values)
+
+
+class SparseAdamW(_SparseRowOptimizer):
     """AdamW for tables (and biases) trained with row-sparse gradients (`sparse_grad=True` layers), fused per
     touched row.
 
@@ -49,6 +80,9 @@ class SparseAdamW(torch.optim.Optimizer):
         state_dtype: dtype of the moments: torch.float32 (default) or torch.bfloat16 (half the memory).
         skip_nonfinite: a parameter whose gradient holds NaN or inf is not updated that step and a warning is
             issued (default); False raises instead.
+        stochastic_rounding, seed: with bf16 / fp16 parameters, round each updated value stochastically
+            (unbiased; a hash of (seed, step, row, column), so runs are reproducible and backends agree);
+            without it updates smaller than half an ulp are lost. Ignored for fp32 parameters.
     """
 
     def __init__(
@@ -62,6 +96,8 @@ class SparseAdamW(torch.optim.Optimizer):
         mode: str = "lazy",
         state_dtype: torch.dtype = torch.float32,
         skip_nonfinite: bool = True,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ):
         if mode not in ("lazy", "exact"):
             raise ValueError(f"mode must be 'lazy' or 'exact', got {mode!r}")
@@ -70,7 +106,8 @@ class SparseAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid hyper-parameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
-                        state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
+                        state_dtype=state_dtype, skip_nonfinite=skip_nonfinite,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
         super().__init__(params, defaults)
 
     def _state_for(self, p: torch.Tensor, group) -> dict:
@@ -93,19 +130,10 @@ class SparseAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                touched = self._touched(p, group)
+                if touched is None:
                     continue
-                if p.dim() not in (1, 2):
-                    raise ValueError(f"SparseAdamW updates 2-D tables and 1-D biases; got shape {tuple(p.shape)}")
-                if p.grad.device != p.device:
-                    raise ValueError(f"gradient on {p.grad.device} for a parameter on {p.device}")
-                rows, values = _rows_and_values(p.grad)
-                if not _all_finite(values):
-                    if not group["skip_nonfinite"]:
-                        raise FloatingPointError("non-finite gradient (NaN or inf) in SparseAdamW")
-                    warnings.warn("SparseAdamW: non-finite gradient; this parameter's update is skipped this step",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
+                rows, values = touched
                 state = self._state_for(p, group)
                 state["step"] += 1
                 step = state["step"]
@@ -118,11 +146,74 @@ class SparseAdamW(torch.optim.Optimizer):
                         state["lr_history"] = history = grown
                     history[step - 1] = group["lr"]
                     last_step, lr_history = state["last_step"], history
-                as_table = (lambda t: t.view(t.shape[0], -1)) if p.dim() == 1 else (lambda t: t)  # biases: [N, 1]
                 sparse_adamw_step(
-                    as_table(p), as_table(state["exp_avg"]), as_table(state["exp_avg_sq"]), rows, as_table(values),
+                    _as_table(p), _as_table(state["exp_avg"]), _as_table(state["exp_avg_sq"]), rows, values,
                     step=step, lr=group["lr"], beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], last_step=last_step,
-                    lr_history=lr_history,
+                    lr_history=lr_history, stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
+                )
+        return loss
+
+
+class SparseRowwiseAdagrad(_SparseRowOptimizer):
+    """Row-wise AdaGrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) for tables trained with row-sparse gradients: one fp32
+    accumulator per row (4 bytes per row of state instead of AdamW's 8 bytes per element). Per touched row r:
+    G_r += mean_d(g_rd^2); p_r = p_r * (1 - lr * weight_decay) - lr * g_r / (sqrt(G_r) + eps). Untouched rows
+    neither move nor decay. Dense gradients are accepted too (every row counts as touched).
+
+    Args:
+        params: parameters or parameter groups: 2-D tables [N, D] and 1-D biases [N] (a bias gets one
+            accumulator per entry, i.e. plain AdaGrad).
+        lr, eps: step size and the denominator's epsilon (default 1e-10, as torch.optim.Adagrad).
+        weight_decay: decoupled decay of the touched rows, p *= 1 - lr * weight_decay.
+        initial_accumulator_value: the starting G of every row.
+        skip_nonfinite, stochastic_rounding, seed: as SparseAdamW.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        *,
+        skip_nonfinite: bool = True,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0 or initial_accumulator_value < 0:
+            raise ValueError(f"invalid hyper-parameters: lr={lr}, eps={eps}, weight_decay={weight_decay}, "
+                             f"initial_accumulator_value={initial_accumulator_value}")
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
+                        skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding, seed=seed)
+        super().__init__(params, defaults)
+
+    def _state_for(self, p: torch.Tensor, group) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["sum"] = torch.full((p.shape[0],), float(group["initial_accumulator_value"]), dtype=torch.float32,
+                                      device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                touched = self._touched(p, group)
+                if touched is None:
+                    continue
+                rows, values = touched
+                state = self._state_for(p, group)
+                state["step"] += 1
+                sparse_rowwise_adagrad_step(
+                    _as_table(p), state["sum"], rows, values, lr=group["lr"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=state["step"],
+                    stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
                 )
         return loss

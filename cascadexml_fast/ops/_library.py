@@ -5,6 +5,10 @@ reference implementations are registered instead, see cascadexml_fast/_extension
 attaches CPU kernels to these names (csrc/bindings.cpp); the Triton kernels are attached for CUDA in the op
 modules. Flags that only the autograd formula reads (sparse_grad, deterministic) are part of the forward schema
 so that a compiled graph carries them.
+
+Schema history: `sparse_adamw_step` gained `bool stochastic_rounding=False, int seed=0` (trailing, defaulted, so
+older callers are unaffected): with a bf16 / fp16 table the fp32 result is rounded stochastically with a
+counter-based hash of (seed, step, row, column), identical on every backend (ops/reference.py, stochastic_round).
 """
 import torch
 
@@ -36,7 +40,13 @@ SCHEMAS = {
     "sparse_adamw_step": (
         "sparse_adamw_step(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
         "int step, float lr, float beta1, float beta2, float eps, float weight_decay, Tensor(d!)? last_step=None, "
-        "Tensor? lr_history=None) -> ()"
+        "Tensor? lr_history=None, bool stochastic_rounding=False, int seed=0) -> ()"
+    ),
+    # Row-wise AdaGrad (FBGEMM's EXACT_ROWWISE_ADAGRAD): one fp32 accumulator per row. `step` only feeds the
+    # stochastic-rounding hash (with `seed`); stochastic_rounding matters only for bf16 / fp16 tables.
+    "sparse_rowwise_adagrad_step": (
+        "sparse_rowwise_adagrad_step(Tensor(a!) param, Tensor(b!) state_sum, Tensor rows, Tensor grad, float lr, "
+        "float eps, float weight_decay, int step=0, bool stochastic_rounding=False, int seed=0) -> ()"
     ),
     "shortlist_bce": (
         "shortlist_bce(Tensor x, Tensor weight, Tensor? bias, Tensor idx, Tensor pos_offsets, Tensor pos_ids, "

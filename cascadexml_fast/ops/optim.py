@@ -1,4 +1,9 @@
-"""`sparse_adamw_step`: a fused AdamW update of only the touched rows of a table (in place).
+"""`sparse_adamw_step`: a fused AdamW update of only the touched rows of a table (in place);
+`sparse_rowwise_adagrad_step`: row-wise AdaGrad (one fp32 accumulator per row), likewise.
+
+bf16 / fp16 tables may round the fp32 result stochastically (`stochastic_rounding=True`, `seed`): the rounding is
+a counter-based hash of (seed, step, row, column) (ops/reference.py: sr_key, sr_random, stochastic_round), so it
+is deterministic and the same on every backend.
 
 Kernels: C++/OpenMP on CPU, Triton on CUDA (the reference where Triton is missing).
 """
@@ -13,6 +18,7 @@ from . import _library, reference
 from ._validate import check_tensor
 
 sparse_adamw_step_op = _library.op("sparse_adamw_step")
+sparse_rowwise_adagrad_step_op = _library.op("sparse_rowwise_adagrad_step")
 _QUALIFIED = _library.NAMESPACE + "::"
 
 @functools.lru_cache(maxsize=None)
@@ -26,20 +32,37 @@ def _triton_kernels():
 
 
 def _sparse_adamw_step_cuda(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
-                            last_step=None, lr_history=None):
+                            last_step=None, lr_history=None, stochastic_rounding=False, seed=0):
     kernels = _triton_kernels()
-    args = (param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay, last_step, lr_history)
+    args = (param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay, last_step, lr_history,
+            stochastic_rounding, seed)
     if kernels is None or torch.float64 in (param.dtype, exp_avg.dtype):
-        return reference.sparse_adamw_step(*args)
+        return reference.sparse_adamw_step_sr(*args)
     kernels.sparse_adamw_step(*args)
 
 
+def _sparse_rowwise_adagrad_step_cuda(param, state_sum, rows, grad, lr, eps, weight_decay, step=0,
+                                      stochastic_rounding=False, seed=0):
+    kernels = _triton_kernels()
+    args = (param, state_sum, rows, grad, lr, eps, weight_decay, step, stochastic_rounding, seed)
+    if kernels is None or param.dtype == torch.float64:
+        return reference.sparse_rowwise_adagrad_step(*args)
+    kernels.sparse_rowwise_adagrad_step(*args)
+
+
 _library.LIBRARY.impl("sparse_adamw_step", _sparse_adamw_step_cuda, "CUDA")
+_library.LIBRARY.impl("sparse_rowwise_adagrad_step", _sparse_rowwise_adagrad_step_cuda, "CUDA")
 
 
 @torch.library.register_fake(_QUALIFIED + "sparse_adamw_step")
 def _sparse_adamw_step_fake(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
-                            last_step=None, lr_history=None):
+                            last_step=None, lr_history=None, stochastic_rounding=False, seed=0):
+    return None
+
+
+@torch.library.register_fake(_QUALIFIED + "sparse_rowwise_adagrad_step")
+def _sparse_rowwise_adagrad_step_fake(param, state_sum, rows, grad, lr, eps, weight_decay, step=0,
+                                      stochastic_rounding=False, seed=0):
     return None
 
 
@@ -58,6 +81,8 @@ def sparse_adamw_step(
     weight_decay: float = 0.0,
     last_step: Optional[torch.Tensor] = None,
     lr_history: Optional[torch.Tensor] = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
     """AdamW (torch.optim.AdamW's update, decoupled weight decay) on the rows `rows` of `param`, in place.
 
@@ -70,6 +95,8 @@ def sparse_adamw_step(
             when each row was last updated; a row missing steps replays them as zero-gradient AdamW steps at the
             learning rates lr_history[j - 1] (float64, one per step so far), so its state matches dense AdamW.
             Without them the update is "lazy": untouched rows neither move nor decay.
+        stochastic_rounding, seed: with a bf16 / fp16 param, round the fp32 result up or down with probability
+            given by its distance (unbiased), from a hash of (seed, step, row, column); ignored for fp32 params.
     """
     for name, value in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)):
         check_tensor(name, value, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
@@ -80,4 +107,39 @@ def sparse_adamw_step(
     if (last_step is None) != (lr_history is None):
         raise ValueError("exact mode needs both last_step and lr_history (lazy mode neither)")
     sparse_adamw_step_op(param, exp_avg, exp_avg_sq, rows, grad, int(step), float(lr), float(beta1), float(beta2),
-                         float(eps), float(weight_decay), last_step, lr_history)
+                         float(eps), float(weight_decay), last_step, lr_history, bool(stochastic_rounding), int(seed))
+
+
+def sparse_rowwise_adagrad_step(
+    param: torch.Tensor,
+    state_sum: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    lr: float,
+    eps: float = 1e-10,
+    weight_decay: float = 0.0,
+    step: int = 0,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """Row-wise AdaGrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) on the rows `rows` of `param`, in place:
+    G_r += mean_d(g_rd^2); p_r = p_r * (1 - lr * weight_decay) - lr * g_r / (sqrt(G_r) + eps).
+
+    Args:
+        param: [N, D] table (fp32, bf16 or fp16); state_sum: fp32 [N], one accumulator per row.
+        rows: int64 [U], unique and ascending (the indices of a coalesced sparse gradient); grad: [U, D].
+        step, seed: feed the stochastic-rounding hash only (stochastic_rounding with a bf16 / fp16 param).
+    """
+    check_tensor("param", param, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("state_sum", state_sum, dim=1, dtypes=(torch.float32,))
+    check_tensor("grad", grad, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("rows", rows, dim=1, dtypes=(torch.int64,))
+    for name, value in (("state_sum", state_sum), ("rows", rows), ("grad", grad)):
+        if value.device != param.device:
+            raise ValueError(f"{name} is on {value.device} but param is on {param.device}")
+    if state_sum.shape[0] != param.shape[0]:
+        raise ValueError(f"state_sum must have one entry per row of param ({param.shape[0]}), got "
+                         f"{state_sum.shape[0]}")
+    sparse_rowwise_adagrad_step_op(param, state_sum, rows, grad, float(lr), float(eps), float(weight_decay),
+                                   int(step), bool(stochastic_rounding), int(seed))

@@ -297,3 +297,134 @@ def shortlist_bce(
     loss = (per_entry * valid).sum() * scale
     grad = ((torch.sigmoid(safe) - y) * valid) * scale
     return loss, grad, logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Low-precision tables: stochastic rounding, row-wise AdaGrad
+# ---------------------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def fmix32(h):
+    """MurmurHash3's 32-bit finaliser on uint32 values held in a Python int or an int64 tensor (products wrap in
+    int64 but their low 32 bits are exact). The C++ (csrc/cpu/optim.cpp) and Triton kernels use the same mix on
+    uint32."""
+    h = h & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def sr_key(seed: int, step: int) -> int:
+    """The per-call key of the stochastic-rounding hash: fmix32(seed32 ^ fmix32(step32 + 0x9E3779B9)), where
+    seed32 = low 32 bits of seed ^ (seed >> 32) and step32 = low 32 bits of step."""
+    seed32 = (int(seed) ^ (int(seed) >> 32)) & _M32
+    return fmix32(seed32 ^ fmix32((int(step) + 0x9E3779B9) & _M32))
+
+
+def sr_random(key: int, rows: torch.Tensor, D: int) -> torch.Tensor:
+    """32 random bits per element (int64 [U, D], values in [0, 2^32)): fmix32(fmix32(row32 ^ key) ^ col)."""
+    row_key = fmix32((rows.long() & _M32) ^ key)
+    cols = torch.arange(D, device=rows.device, dtype=torch.int64)
+    return fmix32(row_key.unsqueeze(1) ^ cols)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, random: torch.Tensor) -> torch.Tensor:
+    """Round fp32 `x` to bf16 / fp16 stochastically (up with probability equal to the fraction of an ulp), using
+    the 32-bit `random` of each element (sr_random). Bit trick on the fp32 pattern: add the low `drop` random bits,
+    clear the low `drop` bits, then convert (exact). drop = 16 for bf16; for fp16 drop = 13 + (113 - biased
+    exponent) inside fp16's subnormal range, capped at 23 (below 2^-24 the final conversion rounds to nearest).
+    Non-finite values and fp32 tables pass through (round to nearest)."""
+    if dtype == torch.float32:
+        return x.to(dtype)
+    bits = x.view(torch.int32).to(torch.int64) & _M32
+    if dtype == torch.bfloat16:
+        drop = torch.full_like(bits, 16)
+    elif dtype == torch.float16:
+        exponent = (bits >> 23) & 0xFF
+        drop = (13 + (113 - exponent).clamp(min=0)).clamp(max=23)
+    else:
+        raise TypeError(f"stochastic rounding targets bfloat16 or float16, got {dtype}")
+    mask = (torch.ones_like(bits) << drop) - 1
+    rounded = ((bits + (random & mask)) & ~mask) & _M32
+    as_f32 = (rounded - ((rounded >> 31) << 32)).to(torch.int32).view(torch.float32)  # uint32 -> int32 bits
+    return torch.where(torch.isfinite(x), as_f32, x).to(dtype)
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt (torch's vectorised CPU sqrt can be an ulp off; sqrt in float64 rounded
+    once to fp32 is exact), as C++ std::sqrt and Triton sqrt_rn."""
+    return x.double().sqrt().float()
+
+
+def _store_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, stochastic_rounding: bool,
+                key: int) -> None:
+    if stochastic_rounding and table.dtype in (torch.bfloat16, torch.float16):
+        table[rows] = stochastic_round(values, table.dtype, sr_random(key, rows, values.shape[1]))
+    else:
+        table[rows] = values.to(table.dtype)
+
+
+def sparse_adamw_step_sr(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
+                         last_step=None, lr_history=None, stochastic_rounding=False, seed=0) -> None:
+    """`sparse_adamw_step` with the schema's stochastic-rounding arguments. Without stochastic rounding (or with
+    an fp32 table) it is `sparse_adamw_step`. With it, a lazy step is computed in fp32 in the kernels' operation
+    order (fp32 constants formed as the C++ kernel forms them, no fused multiply-adds), so that the fp32 values,
+    and hence the stochastically rounded bf16 / fp16 values, are bit-identical to the C++ and Triton kernels'.
+    An exact-mode step catches up as `sparse_adamw_step` does, then rounds stochastically."""
+    if not stochastic_rounding or param.dtype not in (torch.bfloat16, torch.float16):
+        return sparse_adamw_step(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1, beta2, eps, weight_decay,
+                                 last_step, lr_history)
+    rows = rows.long()
+    key = sr_key(seed, step)
+    if last_step is not None:
+        shadow = param[rows].float()
+        table = torch.zeros(rows.shape[0], param.shape[1], dtype=torch.float32, device=param.device)
+        table.copy_(shadow)
+        local = torch.arange(rows.shape[0], device=rows.device)
+        m, v = exp_avg[rows].clone(), exp_avg_sq[rows].clone()
+        ls = last_step[rows].clone()
+        sparse_adamw_step(table, m, v, local, grad, step, lr, beta1, beta2, eps, weight_decay, ls, lr_history)
+        last_step[rows] = step
+        exp_avg[rows], exp_avg_sq[rows] = m, v
+        _store_rows(param, rows, table, True, key)
+        return
+    f32 = lambda value: torch.tensor(value, dtype=torch.float64).float().item()  # noqa: E731
+    b1, b2 = f32(beta1), f32(beta2)
+    one_minus_b1 = torch.tensor(1.0, dtype=torch.float32) - torch.tensor(b1, dtype=torch.float32)
+    one_minus_b2 = torch.tensor(1.0, dtype=torch.float32) - torch.tensor(b2, dtype=torch.float32)
+    decay = torch.tensor(f32(1.0 - lr * weight_decay))
+    step_size = torch.tensor(f32(lr / (1.0 - math.pow(beta1, step))))
+    inv_sqrt_bc2 = torch.tensor(f32(1.0 / math.sqrt(1.0 - math.pow(beta2, step))))
+    p, m, v, g = param[rows].float(), exp_avg[rows].float(), exp_avg_sq[rows].float(), grad.float()
+    p = p * decay
+    m = torch.tensor(b1) * m + one_minus_b1 * g
+    v = torch.tensor(b2) * v + one_minus_b2 * g * g
+    p = p - (step_size * m) / (_sqrt_rn(v) * inv_sqrt_bc2 + torch.tensor(f32(eps)))
+    _store_rows(param, rows, p, True, key)
+    exp_avg[rows] = m.to(exp_avg.dtype)
+    exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
+
+
+def sparse_rowwise_adagrad_step(param, state_sum, rows, grad, lr, eps, weight_decay, step=0,
+                                stochastic_rounding=False, seed=0) -> None:
+    """Row-wise AdaGrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) on the rows `rows` (unique) of `param`, in place; one
+    fp32 accumulator per row in `state_sum` [N]. Per touched row r with gradient g_r [D]:
+
+        G_r += mean_d(g_rd^2)                     (sum of squares in float64, divided by D, rounded to fp32)
+        p_r  = p_r * (1 - lr * wd) - (lr / (sqrt(G_r) + eps)) * g_r      (decoupled decay; fp32)
+
+    Untouched rows neither move nor decay. bf16 / fp16 tables round the fp32 result to nearest, or
+    stochastically (stochastic_round with the hash of (seed, step, row, column)) when stochastic_rounding."""
+    rows = rows.long()
+    f32 = lambda value: torch.tensor(value, dtype=torch.float64).float()  # noqa: E731
+    g = grad.float()
+    mean_sq = ((g.double() * g.double()).sum(1) / g.shape[1]).float() if g.shape[1] > 0 else g.new_zeros(g.shape[0])
+    G = state_sum[rows] + mean_sq
+    state_sum[rows] = G
+    scale = f32(lr) / (_sqrt_rn(G) + f32(eps))
+    p = param[rows].float() * f32(1.0 - lr * weight_decay) - scale.unsqueeze(1) * g
+    _store_rows(param, rows, p, stochastic_rounding, sr_key(seed, step))

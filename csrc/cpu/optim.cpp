@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cpu/sr.h"
 
 namespace cxf {
 namespace {
@@ -52,7 +53,8 @@ struct Hyper {
 
 template <class P, class S>
 void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const float* grad, int64_t U, int64_t D,
-                 int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched) {
+                 int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched, bool sr,
+                 uint32_t key) {
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = rows[u];
@@ -61,6 +63,7 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
       S* v_row = v_state + row * D;
       const float* g_row = grad + u * D;
       const int64_t first = last_step ? last_step[row] + 1 : step;
+      const uint32_t row_key = sr ? sr_row_key(key, row) : 0u;
       for (int64_t d = 0; d < D; ++d) {
         float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
         int64_t j = first;
@@ -88,7 +91,7 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
         m = h.beta1 * m + (1.f - h.beta1) * g;
         v = h.beta2 * v + (1.f - h.beta2) * g * g;
         p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
-        p_row[d] = P(p);
+        p_row[d] = round_to<P>(p, sr, row_key, d);
         m_row[d] = S(m);
         v_row[d] = S(v);
       }
@@ -101,7 +104,7 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
 void sparse_adamw_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                            const at::Tensor& rows, const at::Tensor& grad, int64_t step, double lr, double beta1,
                            double beta2, double eps, double weight_decay, const c10::optional<at::Tensor>& last_step,
-                           const c10::optional<at::Tensor>& lr_history) {
+                           const c10::optional<at::Tensor>& lr_history, bool stochastic_rounding, int64_t seed) {
   TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D table, got shape ",
               param.sizes());
   TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16 ||
@@ -150,15 +153,17 @@ void sparse_adamw_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg, c
                 float(lr / (1.0 - std::pow(beta1, double(step)))),
                 float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))};
   const auto g = grad.to(at::kFloat).contiguous();
+  const bool sr = stochastic_rounding && param.scalar_type() != at::kFloat;
+  const uint32_t key = sr_key(seed, step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sparse_adamw_step", [&] {
     using P = scalar_t;
     if (exp_avg.scalar_type() == at::kFloat)
       update_rows<P, float>(param.data_ptr<P>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), r,
-                            g.data_ptr<float>(), U, D, step, h, last, &sched);
+                            g.data_ptr<float>(), U, D, step, h, last, &sched, sr, key);
     else
       update_rows<P, at::BFloat16>(param.data_ptr<P>(), exp_avg.data_ptr<at::BFloat16>(),
                                    exp_avg_sq.data_ptr<at::BFloat16>(), r, g.data_ptr<float>(), U, D, step, h, last,
-                                   &sched);
+                                   &sched, sr, key);
   });
   if (exact) {
     int64_t* ls = last_step->data_ptr<int64_t>();

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_adamw_step"]
+__all__ = ["sparse_adamw_step", "sparse_rowwise_adagrad_step"]
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -57,13 +57,44 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
+def _fmix32(h):
+    """MurmurHash3's finaliser on uint32 (ops/reference.py fmix32, csrc/cpu/sr.h)."""
+    h = h ^ (h >> 16)
+    h = h * tl.full([], 0x85EBCA6B, tl.uint32)
+    h = h ^ (h >> 13)
+    h = h * tl.full([], 0xC2B2AE35, tl.uint32)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _round_out(x, row, offs_d, key, out_ty: tl.constexpr, SR: tl.constexpr, IS_F16: tl.constexpr):
+    """fp32 x -> out_ty: round to nearest, or (SR) stochastically with fmix32(fmix32(row32 ^ key) ^ col),
+    bit for bit as ops/reference.py stochastic_round."""
+    if SR:
+        row_key = _fmix32(row.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True))
+        rnd = _fmix32(row_key ^ offs_d.to(tl.uint32))
+        bits = x.to(tl.uint32, bitcast=True)
+        if IS_F16:
+            expo = ((bits >> 23) & 0xFF).to(tl.int32)
+            drop = tl.minimum(13 + tl.maximum(113 - expo, 0), 23).to(tl.uint32)
+        else:
+            drop = tl.full([], 16, tl.uint32)
+        mask = (tl.full([], 1, tl.uint32) << drop) - 1
+        rounded = (((bits + (rnd & mask)) >> drop) << drop).to(tl.float32, bitcast=True)
+        finite = tl.abs(x) < float("inf")
+        x = tl.where(finite, rounded, x)
+    return x.to(out_ty)
+
+
+@triton.jit
 def _sparse_adamw_kernel(
     p_ptr, m_ptr, v_ptr, rows_ptr, g_ptr, last_ptr,
     decay_ptr, step_size_ptr, inv_sqrt_bc2_ptr, tail_ptr, b1_pow_ptr, b2_pow_ptr,
     N, D, step,
     stride_p, stride_m, stride_v, stride_g,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size, inv_sqrt_bc2,
-    EXACT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    key,
+    EXACT: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, SR: tl.constexpr, IS_F16: tl.constexpr,
 ):
     u = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -131,7 +162,7 @@ def _sparse_adamw_kernel(
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     p = p - tl.div_rn(step_size * m, tl.sqrt_rn(v) * inv_sqrt_bc2 + eps)
-    tl.store(p_ptrs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptrs, _round_out(p, row, offs_d, key, p_ptr.dtype.element_ty, SR, IS_F16), mask=mask)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
@@ -223,6 +254,8 @@ def sparse_adamw_step(
     weight_decay: float,
     last_step: Optional[torch.Tensor] = None,
     lr_history: Optional[torch.Tensor] = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
     """AdamW on rows `rows` of `param` (and of its moments), in place; see the module docstring.
 
@@ -286,9 +319,101 @@ def sparse_adamw_step(
             param.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), grad.stride(0),
             b1, b2, _as_f32(1.0 - b1), _as_f32(1.0 - b2), _as_f32(eps), _as_f32(1.0 - lr * weight_decay),
             _as_f32(lr / (1.0 - math.pow(beta1, step))), _as_f32(1.0 / math.sqrt(1.0 - math.pow(beta2, step))),
+            _sr_key_arg(seed, step),
             EXACT=exact, EVEN_D=D % block_d == 0, BLOCK_D=block_d,
+            SR=bool(stochastic_rounding) and param.dtype != torch.float32, IS_F16=param.dtype == torch.float16,
             num_warps=num_warps,
         )
     if exact and U > 0:
         # After the kernel (stream order): every program of a row has read the old value.
         last_step.index_fill_(0, rows.long(), step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stochastic rounding key; row-wise AdaGrad
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sr_key_arg(seed: int, step: int) -> int:
+    """ops.reference.sr_key as a signed 32-bit value (a Python int that Triton passes as int32; the kernel
+    bitcasts it to uint32)."""
+    from ...ops.reference import sr_key
+
+    key = sr_key(seed, step)
+    return key - (1 << 32) if key >= (1 << 31) else key
+
+
+@triton.jit
+def _rowwise_adagrad_kernel(
+    p_ptr, sum_ptr, rows_ptr, g_ptr,
+    N, D, stride_p, stride_g,
+    lr, eps, decay, key,
+    BLOCK_D: tl.constexpr, SR: tl.constexpr, IS_F16: tl.constexpr,
+):
+    """One program per touched row: pass 1 sums g^2 in float64 over BLOCK_D slices; pass 2 updates the row."""
+    u = tl.program_id(0).to(tl.int64)
+    row = tl.load(rows_ptr + u).to(tl.int64)
+    ok = (row >= 0) & (row < N)  # an out-of-range id (the ops layer rejects it) is skipped, never written
+    row = tl.where(ok, row, 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for start in range(0, D, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        g = tl.load(g_ptr + u * stride_g + offs, mask=ok & (offs < D), other=0.0).to(tl.float32).to(tl.float64)
+        acc += g * g
+    mean_sq = (tl.sum(acc, axis=0) / D).to(tl.float32)
+    G = tl.load(sum_ptr + row, mask=ok, other=0.0) + mean_sq
+    tl.store(sum_ptr + row, G, mask=ok)
+    scale = tl.div_rn(tl.zeros_like(G) + lr, tl.sqrt_rn(G) + eps)  # lr, eps: fp32-rounded by the launcher
+    for start in range(0, D, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        mask = ok & (offs < D)
+        g = tl.load(g_ptr + u * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        p_ptrs = p_ptr + row * stride_p + offs
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        p = p * decay - scale * g
+        tl.store(p_ptrs, _round_out(p, row, offs, key, p_ptr.dtype.element_ty, SR, IS_F16), mask=mask)
+
+
+def sparse_rowwise_adagrad_step(
+    param: torch.Tensor,
+    state_sum: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    step: int = 0,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """Row-wise AdaGrad (ops.reference.sparse_rowwise_adagrad_step) on rows `rows` of `param`, in place.
+
+    param [N, D] fp32/bf16/fp16 (unit stride along D); state_sum fp32 [N] (contiguous); rows [U] int64/int32,
+    unique; grad [U, D] any float dtype. The row's sum of squares is taken in float64, as the other backends do,
+    so the fp32 accumulator agrees bit for bit. No host sync.
+    """
+    device = param.device
+    _check("param", param, 2, PARAM_DTYPES, device)
+    _check("state_sum", state_sum, 1, (torch.float32,), device)
+    _check("rows", rows, 1, (torch.int64, torch.int32), device)
+    _check("grad", grad, 2, GRAD_DTYPES, device)
+    N, D = param.shape
+    U = rows.shape[0]
+    if state_sum.shape[0] != N or not state_sum.is_contiguous():
+        raise ValueError(f"state_sum must be a contiguous fp32 tensor of {N} entries, got shape "
+                         f"{tuple(state_sum.shape)}")
+    if tuple(grad.shape) != (U, D):
+        raise ValueError(f"grad must have shape [{U}, {D}] (one row per id in rows), got {tuple(grad.shape)}")
+    _unit_stride_d("param", param)
+    if U == 0:
+        return
+    if grad.shape[1] > 1 and grad.stride(1) != 1:
+        grad = grad.contiguous()
+    block_d = max(16, min(1024, triton.next_power_of_2(max(D, 1))))
+    _rowwise_adagrad_kernel[(U,)](
+        param, state_sum, rows.contiguous(), grad,
+        N, D, param.stride(0), grad.stride(0),
+        _as_f32(lr), _as_f32(eps), _as_f32(1.0 - lr * weight_decay), _sr_key_arg(seed, step),
+        BLOCK_D=block_d, SR=bool(stochastic_rounding) and param.dtype != torch.float32,
+        IS_F16=param.dtype == torch.float16, num_warps=max(1, min(8, block_d // 256)),
+    )
