@@ -28,6 +28,7 @@ FALLBACKS = {
     ),
     "sparse_adamw_step": reference.sparse_adamw_step_sr,
     "sparse_rowwise_adagrad_step": reference.sparse_rowwise_adagrad_step,
+    "sparse_adamw8bit_step": reference.sparse_adamw8bit_step,
     "shortlist_bce": lambda x, w, b, idx, po, pi, lw=1.0, sparse_grad=False, deterministic=False: (
         reference.shortlist_bce(x, w, b, idx, po, pi, lw)
     ),

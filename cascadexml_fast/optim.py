@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
-from .ops.optim import sparse_adamw_step, sparse_rowwise_adagrad_step
+from .ops.optim import quantized_state_shapes, sparse_adamw8bit_step, sparse_adamw_step, sparse_rowwise_adagrad_step
 
 
 def _rows_and_values(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,10 @@ class SparseAdamW(_SparseRowOptimizer):
             steps, so after its update every row holds what dense AdamW would, given the same gradients (up to
             fp32 rounding); keeps an int64 step per row and the learning-rate history. Between its updates a
             row is stale (it catches up when next touched), so a forward pass reads the value of its last update.
-        state_dtype: dtype of the moments: torch.float32 (default) or torch.bfloat16 (half the memory).
+        state_dtype: dtype of the moments: torch.float32 (default), torch.bfloat16 (half the memory) or
+            torch.uint8: 8-bit block-quantised moments (ops.optim.sparse_adamw8bit_step; state "exp_avg_codes",
+            "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales"; ~2.03 bytes per element for both moments
+            instead of 8); needs mode="lazy".
         skip_nonfinite: a parameter whose gradient holds NaN or inf is not updated that step and a warning is
             issued (default); False raises instead.
         stochastic_rounding, seed: with bf16 / fp16 parameters, round each updated value stochastically
@@ -101,8 +104,10 @@ class SparseAdamW(_SparseRowOptimizer):
     ):
         if mode not in ("lazy", "exact"):
             raise ValueError(f"mode must be 'lazy' or 'exact', got {mode!r}")
-        if state_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if state_dtype not in (torch.float32, torch.bfloat16, torch.uint8):
+            raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or torch.uint8, got {state_dtype}")
+        if state_dtype == torch.uint8 and mode != "lazy":
+            raise ValueError(f"8-bit state (state_dtype=torch.uint8) supports mode='lazy' only, got mode={mode!r}")
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid hyper-parameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
@@ -112,6 +117,13 @@ class SparseAdamW(_SparseRowOptimizer):
 
     def _state_for(self, p: torch.Tensor, group) -> dict:
         state = self.state[p]
+        if not state and group["state_dtype"] == torch.uint8:
+            codes_shape, scales_shape = quantized_state_shapes(_as_table(p))
+            state["step"] = 0
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name + "_codes"] = torch.full(codes_shape, 128 if name == "exp_avg" else 0, dtype=torch.uint8,
+                                                    device=p.device)
+                state[name + "_scales"] = torch.zeros(scales_shape, dtype=torch.float32, device=p.device)
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
@@ -137,6 +149,14 @@ class SparseAdamW(_SparseRowOptimizer):
                 state = self._state_for(p, group)
                 state["step"] += 1
                 step = state["step"]
+                if group["state_dtype"] == torch.uint8:
+                    sparse_adamw8bit_step(
+                        _as_table(p), state["exp_avg_codes"], state["exp_avg_scales"], state["exp_avg_sq_codes"],
+                        state["exp_avg_sq_scales"], rows, values, step=step, lr=group["lr"], beta1=beta1,
+                        beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                        stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
+                    )
+                    continue
                 last_step = lr_history = None
                 if group["mode"] == "exact":
                     history = state["lr_history"]

@@ -20,6 +20,7 @@ TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
   m.impl("sparse_adamw_step", &cxf::sparse_adamw_step_cpu);
   m.impl("shortlist_bce", &cxf::shortlist_bce_cpu);
   m.impl("sparse_rowwise_adagrad_step", &cxf::sparse_rowwise_adagrad_step_cpu);
+  m.impl("sparse_adamw8bit_step", &cxf::sparse_adamw8bit_step_cpu);
 }
 
 namespace {

@@ -48,6 +48,13 @@ SCHEMAS = {
         "sparse_rowwise_adagrad_step(Tensor(a!) param, Tensor(b!) state_sum, Tensor rows, Tensor grad, float lr, "
         "float eps, float weight_decay, int step=0, bool stochastic_rounding=False, int seed=0) -> ()"
     ),
+    # AdamW with 8-bit block-quantised moments, lazy semantics only (ops/reference.py, sparse_adamw8bit_step):
+    # uint8 codes [N, D] and fp32 block absmax scales [N, ceil(D / 256)] per moment.
+    "sparse_adamw8bit_step": (
+        "sparse_adamw8bit_step(Tensor(a!) param, Tensor(b!) exp_avg_codes, Tensor(c!) exp_avg_scales, "
+        "Tensor(d!) exp_avg_sq_codes, Tensor(e!) exp_avg_sq_scales, Tensor rows, Tensor grad, int step, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, bool stochastic_rounding=False, int seed=0) -> ()"
+    ),
     "shortlist_bce": (
         "shortlist_bce(Tensor x, Tensor weight, Tensor? bias, Tensor idx, Tensor pos_offsets, Tensor pos_ids, "
         "float level_weight=1.0, bool sparse_grad=False, bool deterministic=False) -> (Tensor, Tensor, Tensor)"

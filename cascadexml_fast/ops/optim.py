@@ -19,6 +19,7 @@ from ._validate import check_tensor
 
 sparse_adamw_step_op = _library.op("sparse_adamw_step")
 sparse_rowwise_adagrad_step_op = _library.op("sparse_rowwise_adagrad_step")
+sparse_adamw8bit_step_op = _library.op("sparse_adamw8bit_step")
 _QUALIFIED = _library.NAMESPACE + "::"
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +53,8 @@ def _sparse_rowwise_adagrad_step_cuda(param, state_sum, rows, grad, lr, eps, wei
 
 _library.LIBRARY.impl("sparse_adamw_step", _sparse_adamw_step_cuda, "CUDA")
 _library.LIBRARY.impl("sparse_rowwise_adagrad_step", _sparse_rowwise_adagrad_step_cuda, "CUDA")
+# No Triton kernel yet for the 8-bit state: on CUDA the (vectorised, bit-exact) torch reference runs.
+_library.LIBRARY.impl("sparse_adamw8bit_step", reference.sparse_adamw8bit_step, "CUDA")
 
 
 @torch.library.register_fake(_QUALIFIED + "sparse_adamw_step")
@@ -63,6 +66,12 @@ def _sparse_adamw_step_fake(param, exp_avg, exp_avg_sq, rows, grad, step, lr, be
 @torch.library.register_fake(_QUALIFIED + "sparse_rowwise_adagrad_step")
 def _sparse_rowwise_adagrad_step_fake(param, state_sum, rows, grad, lr, eps, weight_decay, step=0,
                                       stochastic_rounding=False, seed=0):
+    return None
+
+
+@torch.library.register_fake(_QUALIFIED + "sparse_adamw8bit_step")
+def _sparse_adamw8bit_step_fake(param, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, rows,
+                                grad, step, lr, beta1, beta2, eps, weight_decay, stochastic_rounding=False, seed=0):
     return None
 
 
@@ -143,3 +152,65 @@ def sparse_rowwise_adagrad_step(
                          f"{state_sum.shape[0]}")
     sparse_rowwise_adagrad_step_op(param, state_sum, rows, grad, float(lr), float(eps), float(weight_decay),
                                    int(step), bool(stochastic_rounding), int(seed))
+
+
+def quantized_state_shapes(param: torch.Tensor):
+    """((N, D), (N, ceil(D / 256))): shapes of the uint8 codes and the fp32 block scales of one 8-bit moment."""
+    N, D = param.shape
+    return (N, D), (N, -(-D // reference.QBLOCK))
+
+
+def sparse_adamw8bit_step(
+    param: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_scales: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_scales: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
+) -> None:
+    """Lazy AdamW on the rows `rows` of `param` with 8-bit block-quantised moments, in place (only the listed
+    rows decay and move; there is no "exact" catch-up mode for 8-bit state).
+
+    State per moment: uint8 codes [N, D] and fp32 scales [N, ceil(D / 256)] (the absmax of each block of 256
+    consecutive elements of a row; start from zeros: codes 128 / 0 with scale 0 both decode to 0).
+        exp_avg:    code = round((m / absmax) * 127) + 128;    m = (code - 128) * absmax / 127
+        exp_avg_sq: code = round(sqrt(v / absmax) * 255);      v = (code / 255)^2 * absmax
+    (round half to even; square-root companding keeps relative precision for small second moments). Each touched
+    row is dequantised to fp32, updated with exactly AdamW's step (as sparse_adamw_step, lazy) and requantised
+    with fresh block absmaxes. Memory: 2 bytes + 8 / 256 bytes per element for both moments.
+
+    Args: as sparse_adamw_step (param fp32 / bf16 / fp16; rows int64 unique ascending; grad [U, D];
+    stochastic_rounding, seed for bf16 / fp16 params). Kernels: C++/OpenMP on CPU; on CUDA the torch reference
+    (no Triton kernel yet).
+    """
+    check_tensor("param", param, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("grad", grad, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+    check_tensor("rows", rows, dim=1, dtypes=(torch.int64,))
+    codes_shape, scales_shape = quantized_state_shapes(param)
+    for name, value in (("exp_avg_codes", exp_avg_codes), ("exp_avg_sq_codes", exp_avg_sq_codes)):
+        check_tensor(name, value, dim=2, dtypes=(torch.uint8,))
+        if tuple(value.shape) != codes_shape:
+            raise ValueError(f"{name} must have the shape of param {codes_shape}, got {tuple(value.shape)}")
+    for name, value in (("exp_avg_scales", exp_avg_scales), ("exp_avg_sq_scales", exp_avg_sq_scales)):
+        check_tensor(name, value, dim=2, dtypes=(torch.float32,))
+        if tuple(value.shape) != scales_shape:
+            raise ValueError(f"{name} must have shape {scales_shape} (one fp32 absmax per block of "
+                             f"{reference.QBLOCK} elements of a row), got {tuple(value.shape)}")
+    for name, value in (("exp_avg_codes", exp_avg_codes), ("exp_avg_scales", exp_avg_scales),
+                        ("exp_avg_sq_codes", exp_avg_sq_codes), ("exp_avg_sq_scales", exp_avg_sq_scales),
+                        ("rows", rows), ("grad", grad)):
+        if value.device != param.device:
+            raise ValueError(f"{name} is on {value.device} but param is on {param.device}")
+    sparse_adamw8bit_step_op(param, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, rows, grad,
+                             int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                             bool(stochastic_rounding), int(seed))

@@ -409,6 +409,90 @@ def sparse_adamw_step_sr(param, exp_avg, exp_avg_sq, rows, grad, step, lr, beta1
     exp_avg_sq[rows] = v.to(exp_avg_sq.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# AdamW with 8-bit block-quantised state
+# ---------------------------------------------------------------------------------------------------------
+
+QBLOCK = 256  # elements of a row per quantisation block (the last block of a row may be shorter)
+
+
+def _f32(value) -> torch.Tensor:
+    """A Python float rounded once to an fp32 0-dim tensor (as C++ float(double))."""
+    return torch.tensor(value, dtype=torch.float64).float()
+
+
+def _expand_blocks(scales: torch.Tensor, D: int) -> torch.Tensor:
+    """[U, ceil(D / QBLOCK)] per-block values -> [U, D] per-element values."""
+    return scales.repeat_interleave(QBLOCK, dim=1)[:, :D]
+
+
+def _block_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over each block of QBLOCK elements of each row: [U, D] -> [U, ceil(D / QBLOCK)] (exact)."""
+    U, D = x.shape
+    nb = -(-D // QBLOCK)
+    padded = x.new_zeros(U, nb * QBLOCK)
+    padded[:, :D] = x.abs()
+    return padded.view(U, nb, QBLOCK).amax(-1) if nb > 0 else x.new_zeros(U, 0)
+
+
+def dequantize_exp_avg(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Signed linear 8-bit code: m = (code - 128) * absmax / 127 (fp32, in that order; code 0 is unused)."""
+    return (codes.float() - 128) * _expand_blocks(scales, codes.shape[1]) / 127
+
+
+def dequantize_exp_avg_sq(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Unsigned 8-bit code with square-root companding: r = code / 255, v = r * r * absmax (fp32, in that order)."""
+    r = codes.float() / 255
+    return r * r * _expand_blocks(scales, codes.shape[1])
+
+
+def quantize_exp_avg(m: torch.Tensor):
+    """fp32 [U, D] -> (uint8 codes, fp32 block absmax): code = round_half_even((m / absmax) * 127) + 128; an
+    all-zero block stores absmax 0 and codes 128."""
+    absmax = _block_absmax(m)
+    a = _expand_blocks(absmax, m.shape[1])
+    t = torch.where(a > 0, m / a, torch.zeros_like(m)) * 127
+    return (torch.round(t) + 128).to(torch.uint8), absmax
+
+
+def quantize_exp_avg_sq(v: torch.Tensor):
+    """fp32 [U, D] (>= 0) -> (uint8 codes, fp32 block max): code = round_half_even(sqrt_rn(v / absmax) * 255)."""
+    absmax = _block_absmax(v)
+    a = _expand_blocks(absmax, v.shape[1])
+    t = _sqrt_rn(torch.where(a > 0, v / a, torch.zeros_like(v))) * 255
+    return torch.round(t).to(torch.uint8), absmax
+
+
+def sparse_adamw8bit_step(param, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, rows, grad,
+                          step, lr, beta1, beta2, eps, weight_decay, stochastic_rounding=False, seed=0) -> None:
+    """Lazy AdamW on the rows `rows` (unique) of `param` with 8-bit block-quantised moments, in place.
+
+    State: exp_avg_codes / exp_avg_sq_codes uint8 [N, D]; exp_avg_scales / exp_avg_sq_scales fp32
+    [N, ceil(D / 256)], the absmax of each block of 256 consecutive elements of a row. Per touched row: dequantise
+    m (dequantize_exp_avg) and v (dequantize_exp_avg_sq) to fp32, apply one AdamW step in fp32 in the C++
+    kernel's operation order (as sparse_adamw_step_sr's lazy path: fp32 constants, no fused multiply-adds,
+    correctly rounded sqrt), store p (bf16 / fp16 tables optionally with stochastic rounding, as
+    sparse_adamw_step), and requantise m and v with fresh block absmaxes (quantize_exp_avg, quantize_exp_avg_sq).
+    Lazy semantics only: untouched rows neither move nor decay, and their state is not re-encoded."""
+    rows = rows.long()
+    b1, b2 = _f32(beta1), _f32(beta2)
+    one_minus_b1 = torch.tensor(1.0, dtype=torch.float32) - b1
+    one_minus_b2 = torch.tensor(1.0, dtype=torch.float32) - b2
+    decay = _f32(1.0 - lr * weight_decay)
+    step_size = _f32(lr / (1.0 - math.pow(beta1, step)))
+    inv_sqrt_bc2 = _f32(1.0 / math.sqrt(1.0 - math.pow(beta2, step)))
+    m = dequantize_exp_avg(exp_avg_codes[rows], exp_avg_scales[rows])
+    v = dequantize_exp_avg_sq(exp_avg_sq_codes[rows], exp_avg_sq_scales[rows])
+    p, g = param[rows].float(), grad.float()
+    p = p * decay
+    m = b1 * m + one_minus_b1 * g
+    v = b2 * v + one_minus_b2 * g * g
+    p = p - (step_size * m) / (_sqrt_rn(v) * inv_sqrt_bc2 + _f32(eps))
+    _store_rows(param, rows, p, stochastic_rounding, sr_key(seed, step))
+    exp_avg_codes[rows], exp_avg_scales[rows] = quantize_exp_avg(m)
+    exp_avg_sq_codes[rows], exp_avg_sq_scales[rows] = quantize_exp_avg_sq(v)
+
+
 def sparse_rowwise_adagrad_step(param, state_sum, rows, grad, lr, eps, weight_decay, step=0,
                                 stochastic_rounding=False, seed=0) -> None:
     """Row-wise AdaGrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) on the rows `rows` (unique) of `param`, in place; one

@@ -1,0 +1,120 @@
+// Row-sparse AdamW with 8-bit block-quantised moments on the CPU (lazy semantics only: untouched rows neither move
+// nor decay). State: uint8 codes [N, D] per moment and fp32 scales [N, ceil(D / 256)], the absmax of each block of
+// 256 consecutive elements of a row. The maps (ops/reference.py, the bit-exact reference):
+//   exp_avg:    code = nearbyint((m / absmax) * 127) + 128          m = (code - 128) * absmax / 127
+//   exp_avg_sq: code = nearbyint(sqrt(v / absmax) * 255)            r = code / 255, v = r * r * absmax
+// (round half to even; an all-zero block has absmax 0 and codes 128 / 0). Per touched row and block: dequantise,
+// one fp32 AdamW step in the order of sparse_adamw_step's kernel, then requantise with the block's fresh absmax.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/optim.h"
+#include "cpu/sr.h"
+
+namespace cxf {
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+struct Hyper8 {
+  float beta1, beta2, one_minus_b1, one_minus_b2, eps, decay, step_size, inv_sqrt_bc2;
+};
+
+template <class P>
+void update_rows_8bit(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, const int64_t* rows,
+                      const float* grad, int64_t U, int64_t D, const Hyper8& h, bool sr, uint32_t key) {
+  const int64_t nb = (D + kBlock - 1) / kBlock;
+  at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    float m_buf[kBlock], v_buf[kBlock];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t row = rows[u];
+      const uint32_t row_key = sr ? sr_row_key(key, row) : 0u;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t d0 = b * kBlock, len = std::min(kBlock, D - d0);
+        const int64_t off = row * D + d0;
+        const float m_scale = ms[row * nb + b], v_scale = vs[row * nb + b];
+        float m_max = 0.f, v_max = 0.f;
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t d = d0 + i;
+          float m = (float(mc[off + i]) - 128.f) * m_scale / 127.f;
+          const float r = float(vc[off + i]) / 255.f;
+          float v = r * r * v_scale;
+          const float g = grad[u * D + d];
+          float p = float(param[off + i]);
+          p *= h.decay;
+          m = h.beta1 * m + h.one_minus_b1 * g;
+          v = h.beta2 * v + h.one_minus_b2 * g * g;
+          p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+          param[off + i] = round_to<P>(p, sr, row_key, d);
+          m_buf[i] = m;
+          v_buf[i] = v;
+          m_max = std::max(m_max, std::fabs(m));
+          v_max = std::max(v_max, v);
+        }
+        ms[row * nb + b] = m_max;
+        vs[row * nb + b] = v_max;
+        for (int64_t i = 0; i < len; ++i) {
+          const float tm = m_max > 0.f ? m_buf[i] / m_max : 0.f;
+          mc[off + i] = uint8_t(int(std::nearbyint(tm * 127.f)) + 128);
+          const float tv = v_max > 0.f ? v_buf[i] / v_max : 0.f;
+          vc[off + i] = uint8_t(int(std::nearbyint(std::sqrt(tv) * 255.f)));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void sparse_adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg_codes,
+                               const at::Tensor& exp_avg_scales, const at::Tensor& exp_avg_sq_codes,
+                               const at::Tensor& exp_avg_sq_scales, const at::Tensor& rows, const at::Tensor& grad,
+                               int64_t step, double lr, double beta1, double beta2, double eps, double weight_decay,
+                               bool stochastic_rounding, int64_t seed) {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D table, got shape ",
+              param.sizes());
+  TORCH_CHECK(param.scalar_type() == at::kFloat || param.scalar_type() == at::kBFloat16 ||
+                  param.scalar_type() == at::kHalf,
+              "param must be float32, bfloat16 or float16, got ", param.scalar_type());
+  const int64_t N = param.size(0), D = param.size(1), nb = (D + kBlock - 1) / kBlock;
+  for (const auto* codes : {&exp_avg_codes, &exp_avg_sq_codes}) {
+    TORCH_CHECK(codes->scalar_type() == at::kByte && codes->sizes() == param.sizes() && codes->is_contiguous(),
+                "8-bit state codes must be contiguous uint8 tensors of the shape of param ", param.sizes(), ", got ",
+                codes->scalar_type(), " ", codes->sizes());
+  }
+  for (const auto* scales : {&exp_avg_scales, &exp_avg_sq_scales}) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->dim() == 2 && scales->size(0) == N &&
+                    scales->size(1) == nb && scales->is_contiguous(),
+                "8-bit state scales must be contiguous float32 tensors of shape [", N, ", ", nb,
+                "] (one per block of 256 elements of a row), got ", scales->scalar_type(), " ", scales->sizes());
+  }
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
+  const int64_t U = rows.size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
+              "] (one row per id in rows), got ", grad.sizes());
+  TORCH_CHECK(step >= 1, "step must be >= 1 (1-based), got ", step);
+  const auto ids = rows.contiguous();
+  const int64_t* r = ids.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
+    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
+                "] = ", r[u], " follows ", r[u - 1]);
+  }
+  const float b1 = float(beta1), b2 = float(beta2);
+  const Hyper8 h{b1, b2, 1.f - b1, 1.f - b2, float(eps), float(1.0 - lr * weight_decay),
+                 float(lr / (1.0 - std::pow(beta1, double(step)))),
+                 float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))};
+  const auto g = grad.to(at::kFloat).contiguous();
+  const bool sr = stochastic_rounding && param.scalar_type() != at::kFloat;
+  const uint32_t key = sr_key(seed, step);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sparse_adamw8bit_step", [&] {
+    update_rows_8bit<scalar_t>(param.data_ptr<scalar_t>(), exp_avg_codes.data_ptr<uint8_t>(),
+                               exp_avg_scales.data_ptr<float>(), exp_avg_sq_codes.data_ptr<uint8_t>(),
+                               exp_avg_sq_scales.data_ptr<float>(), r, g.data_ptr<float>(), U, D, h, sr, key);
+  });
+}
+
+}  // namespace cxf
