@@ -134,7 +134,8 @@ class XMCModel(nn.Module):
         if label_names is not None:
             label_names = [str(name) for name in label_names]
             if len(label_names) != self.num_labels:
-                raise ValueError(f"label_names has {len(label_names)} entries but the tree has {self.num_labels} labels")
+                raise ValueError(f"label_names has {len(label_names)} entries but the tree has {self.num_labels} "
+                                 "labels")
         self.label_names = label_names
         self.encoder = encoder if encoder is not None else _build_encoder(config)
         if getattr(self.encoder, "pooler", None) is not None:
