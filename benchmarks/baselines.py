@@ -8,9 +8,9 @@
 - :class:`NapkinPLTBaseline`: napkinXC's probabilistic label tree (hierarchical balanced 2-means, leaves of <= 100
   labels, LIBLINEAR logistic loss, one tree), when ``napkinxc`` imports.
 
-Every baseline has ``fit(X, offsets, label_ids, num_labels)`` and ``predict(X, k) -> int64 [n, k]`` (original label
-ids, best first, -1 where fewer than k came back), plus ``predict_one(x_row, k)`` for latency, and
-``set_threads(n)``.
+Every baseline has ``fit(X, offsets, label_ids, num_labels)`` (the timed training), ``prepare_inference()`` (untimed
+steps between training and serving), ``predict(X, k) -> int64 [n, k]`` (original label ids, best first, -1 where
+fewer than k came back), ``predict_one(x_row, k)`` for latency, ``set_threads(n)`` and ``model_bytes()``.
 """
 from __future__ import annotations
 
@@ -95,21 +95,26 @@ class OmikujiBaseline:
 
     name = "omikuji"
 
-    def __init__(self, preset: str = "parabel", threads: Optional[int] = None, beam_size: int = 10, **overrides):
+    def __init__(self, preset: str = "parabel", threads: Optional[int] = None, beam_size: int = 10,
+                 max_sparse_density: Optional[float] = 0.1, **overrides):
         if preset not in OMIKUJI_PRESETS:
             raise ValueError(f"preset: unknown {preset!r}; known: {sorted(OMIKUJI_PRESETS)}")
         self.preset = preset
         self.params = {**OMIKUJI_PRESETS[preset], **overrides}
         self.threads = threads or os.cpu_count() or 1
         self.beam_size = beam_size
+        # `omikuji test` densifies weight vectors denser than 0.1 before predicting (its default): 1.5-2x faster
+        # predictions here, same ids; None keeps every vector sparse
+        self.max_sparse_density = max_sparse_density
         self.model = None
+        self._saved_bytes: Optional[int] = None
 
     @property
     def label(self) -> str:
         return f"omikuji-{self.preset}"
 
     def settings(self) -> Dict[str, object]:
-        return dict(self.params, beam_size=self.beam_size)
+        return dict(self.params, beam_size=self.beam_size, max_sparse_density=self.max_sparse_density)
 
     def _hyper_param(self):
         import omikuji
@@ -134,6 +139,12 @@ class OmikujiBaseline:
             shutil.rmtree(tmp, ignore_errors=True)
         self.set_threads(1)
         return self
+
+    def prepare_inference(self) -> None:
+        """After training, outside its timing: record the saved model's size, then densify as `omikuji test`."""
+        self._saved_bytes = self._measure_saved_bytes()
+        if self.max_sparse_density is not None:
+            self.model.densify_weights(self.max_sparse_density, n_threads=self.threads)
 
     def set_threads(self, n: int) -> None:
         """Threads of omikuji's own pool (it parallelises over the trees of one document)."""
@@ -165,7 +176,10 @@ class OmikujiBaseline:
         return _rows_to_ids(rows, n, k)
 
     def model_bytes(self) -> Optional[int]:
-        """Size of the saved model directory (what a deployment loads)."""
+        """Size of the saved model directory (what a deployment loads), taken before densifying."""
+        return self._saved_bytes
+
+    def _measure_saved_bytes(self) -> int:
         tmp = tempfile.mkdtemp(prefix="omikuji_model_")
         try:
             self.model.save(tmp)
@@ -211,6 +225,9 @@ class NapkinPLTBaseline:
         Y = [label_ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
         self.model.fit(X.tocsr().astype(np.float32), Y)
         return self
+
+    def prepare_inference(self) -> None:
+        pass
 
     def set_threads(self, n: int) -> None:
         self.model.set_params(threads=n)

@@ -52,11 +52,18 @@ PARTS = ("baseline", "encoder", "demo", "cascadexml", "lightxml")
 BASELINES = ("omikuji-parabel", "omikuji-bonsai", "napkinxc-plt")
 
 TABLE_COLUMNS = ("method", "P@1", "P@3", "P@5", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "train_s",
-                 "ms_doc_1t", "ms_doc_batch", "train_peak_mb", "model_mb", "device", "loadavg", "date")
-TABLE_HEADERS = {"train_s": "train s", "ms_doc_1t": "ms/doc 1 thread", "ms_doc_batch": "ms/doc batch",
+                 "ms_doc_1t", "cpu_ms_doc_1t", "ms_doc_batch", "cpu_ms_doc_batch", "train_peak_mb", "model_mb",
+                 "device", "loadavg", "date")
+TABLE_HEADERS = {"train_s": "train s", "ms_doc_1t": "ms/doc 1 thread", "cpu_ms_doc_1t": "CPU ms/doc 1 thread",
+                 "ms_doc_batch": "ms/doc batch", "cpu_ms_doc_batch": "CPU ms/doc batch",
                  "train_peak_mb": "train peak MB", "model_mb": "model MB"}
-ENCODER_COLUMNS = ("max_length", "truncated_pct", "ms_doc", "ms_doc_runs", "docs_s", "tokenize_ms_doc",
-                   "mean_tokens", "batch", "threads", "loadavg")
+ENCODER_COLUMNS = ("max_length", "truncated_pct", "mean_tokens", "ms_doc", "ms_doc_runs", "cpu_ms_doc", "docs_s",
+                   "cpu_ms_doc_1t", "bf16_ms_doc", "bf16_cpu_ms_doc", "tokenize_ms_doc", "batch", "threads",
+                   "loadavg")
+ENCODER_HEADERS = {"truncated_pct": "% truncated", "mean_tokens": "mean tokens", "ms_doc": "ms/doc",
+                   "ms_doc_runs": "runs", "cpu_ms_doc": "CPU ms/doc", "docs_s": "docs/s",
+                   "cpu_ms_doc_1t": "CPU ms/doc 1 thread", "bf16_ms_doc": "bf16 ms/doc",
+                   "bf16_cpu_ms_doc": "bf16 CPU ms/doc", "tokenize_ms_doc": "tokenize ms/doc"}
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -125,39 +132,52 @@ def make_baseline(name: str, threads: int):
     raise ValueError(f"--baselines: unknown {name!r}; known: {', '.join(BASELINES)}")
 
 
-def time_latency(predict_text: Callable[[str], Any], texts: Sequence[str]) -> float:
-    """ms per document of ``predict_text(text)`` called one document at a time (first call untimed)."""
+class Stopwatch:
+    """Wall time and this process's CPU time (all its threads) of the block. On a shared machine the CPU time of a
+    one-thread block is close to what its wall time would be on idle cores; the wall time is what users see."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+
+def time_latency(predict_text: Callable[[str], Any], texts: Sequence[str]) -> Dict[str, float]:
+    """ms per document (wall and CPU) of ``predict_text(text)`` called one document at a time (first call untimed)."""
     predict_text(texts[0])
-    t0 = time.perf_counter()
-    for t in texts:
-        predict_text(t)
-    return (time.perf_counter() - t0) * 1e3 / len(texts)
+    with Stopwatch() as sw:
+        for t in texts:
+            predict_text(t)
+    return dict(wall=sw.wall_s * 1e3 / len(texts), cpu=sw.cpu_s * 1e3 / len(texts))
 
 
 def run_baseline(name: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
     threads = args.threads or os.cpu_count() or 1
     model = make_baseline(name, threads)
     load_start = harness.loadavg()
-    with harness.PeakMemory("cpu") as pm:
-        t0 = time.perf_counter()
-        vec, X_train, X_test = baselines.tfidf_features(train.texts, test.texts)
-        tfidf_s = time.perf_counter() - t0
+    with harness.PeakMemory("cpu") as pm, Stopwatch() as train_sw:
+        with Stopwatch() as tfidf_sw:
+            vec, X_train, X_test = baselines.tfidf_features(train.texts, test.texts)
         model.fit(X_train, train.label_offsets, train.label_ids, train.n_labels)
-        train_s = time.perf_counter() - t0
+    model.prepare_inference()
     # batch: the whole test set, texts -> TF-IDF -> top-k, all threads
-    t0 = time.perf_counter()
-    ids = model.predict(vec.transform(test.texts), args.k, threads=threads)
-    batch_ms = (time.perf_counter() - t0) * 1e3 / test.n_docs
+    with Stopwatch() as batch_sw:
+        ids = model.predict(vec.transform(test.texts), args.k, threads=threads)
     # one document at a time on one thread, from its text
     model.set_threads(1)
     n_lat = min(args.latency_docs, test.n_docs)
-    one_ms = time_latency(lambda text: model.predict_one(vec.transform([text]), args.k), test.texts[:n_lat])
+    one = time_latency(lambda text: model.predict_one(vec.transform([text]), args.k), test.texts[:n_lat])
     model.set_threads(threads)
     one_ids = np.stack([model.predict_one(X_test[i], args.k) for i in range(min(20, test.n_docs))])
     row = dict(
         method=model.label, part="baseline", **score(ids, test, inv),
-        train_s=round(train_s, 2), tfidf_s=round(tfidf_s, 2),
-        ms_doc_1t=round(one_ms, 3), ms_doc_batch=round(batch_ms, 3),
+        train_s=round(train_sw.wall_s, 2), train_cpu_s=round(train_sw.cpu_s, 2), tfidf_s=round(tfidf_sw.wall_s, 2),
+        ms_doc_1t=round(one["wall"], 3), cpu_ms_doc_1t=round(one["cpu"], 3),
+        ms_doc_batch=round(batch_sw.wall_s * 1e3 / test.n_docs, 3),
+        cpu_ms_doc_batch=round(batch_sw.cpu_s * 1e3 / test.n_docs, 3),
         train_peak_mb=None if pm.extra_mb is None else round(pm.extra_mb, 1),
         model_mb=round((model.model_bytes() or 0) / harness.MB, 1),
         threads=threads, latency_docs=n_lat, features=X_train.shape[1],
@@ -189,9 +209,11 @@ def token_length_stats(tokenizer, texts: Sequence[str], lengths: Sequence[int]) 
 
 
 def encoder_speed(texts: Sequence[str], args) -> Dict[str, Any]:
-    """ms/doc of the encoder forward (all hidden states, as the models read several layers) over ``--encoder-docs``
-    random texts in length-sorted batches of ``--encoder-batch``, padded to the longest in each batch, per
-    max_length; ``--encoder-repeats`` passes each (the first one after a warm-up batch)."""
+    """The bundled encoder's forward pass (all hidden states: the models read several layers) over
+    ``--encoder-docs`` random texts in length-sorted batches of ``--encoder-batch``, each padded to its longest
+    text, per max_length: ``--encoder-repeats`` passes on ``--encoder-threads`` threads (wall ms/doc, median; the
+    process's CPU ms/doc) and one pass on one thread (CPU ms/doc: on a loaded machine the closest to the idle
+    one-thread time). Then one text at a time (``model.predict(str)``'s case), tokenization included."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
@@ -202,42 +224,60 @@ def encoder_speed(texts: Sequence[str], args) -> Dict[str, Any]:
     stats = token_length_stats(tokenizer, texts, lengths)
     rng = np.random.default_rng(args.seed)
     sample = [texts[i] for i in rng.choice(len(texts), size=min(args.encoder_docs, len(texts)), replace=False)]
+    threads = args.encoder_threads or torch.get_num_threads()
+
+    def run_pass(batches, bf16: bool = False) -> Stopwatch:
+        with Stopwatch() as sw, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for b in batches:
+                model(**b, output_hidden_states=True)
+        return sw
+
     records = []
-    with harness.num_threads(args.encoder_threads), torch.inference_mode():
+    with torch.inference_mode():
         for L in lengths:
-            t0 = time.perf_counter()
-            enc = tokenizer(sample, truncation=True, max_length=L)
-            tok_ms = (time.perf_counter() - t0) * 1e3 / len(sample)
+            with Stopwatch() as tok_sw:
+                enc = tokenizer(sample, truncation=True, max_length=L)
             order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
             batches = []
             for lo in range(0, len(order), args.encoder_batch):
                 rows = [{k: enc[k][i] for k in enc} for i in order[lo:lo + args.encoder_batch]]
                 batches.append(tokenizer.pad(rows, return_tensors="pt"))
-            model(**batches[-1], output_hidden_states=True)  # warm-up on the longest batch
-            runs = []
             load = harness.loadavg()
-            for _ in range(args.encoder_repeats):
-                t0 = time.perf_counter()
-                for b in batches:
-                    model(**b, output_hidden_states=True)
-                runs.append((time.perf_counter() - t0) * 1e3 / len(sample))
+            with harness.num_threads(threads):
+                model(**batches[-1], output_hidden_states=True)  # warm-up on the longest batch
+                passes = [run_pass(batches) for _ in range(args.encoder_repeats)]
+                bf16 = None
+                if args.encoder_bf16:
+                    run_pass(batches[-1:], bf16=True)
+                    bf16 = run_pass(batches, bf16=True)
+            with harness.num_threads(1):
+                one_thread = run_pass(batches)
+            wall = [p.wall_s * 1e3 / len(sample) for p in passes]
             records.append(dict(
-                max_length=L, truncated_pct=stats["truncated_pct"][str(L)], ms_doc=round(float(np.median(runs)), 3),
-                ms_doc_runs=[round(r, 3) for r in runs], docs_s=round(1e3 / float(np.median(runs)), 1),
-                tokenize_ms_doc=round(tok_ms, 4),
+                max_length=L, truncated_pct=stats["truncated_pct"][str(L)],
                 mean_tokens=round(float(np.mean([len(x) for x in enc["input_ids"]])), 2),
-                batch=args.encoder_batch, threads=torch.get_num_threads() if args.encoder_threads is None
-                else args.encoder_threads, docs=len(sample), loadavg=load, loadavg_end=harness.loadavg(),
+                ms_doc=round(float(np.median(wall)), 3), ms_doc_runs=[round(w, 2) for w in wall],
+                cpu_ms_doc=round(float(np.median([p.cpu_s * 1e3 / len(sample) for p in passes])), 3),
+                docs_s=round(1e3 / float(np.median(wall)), 1),
+                cpu_ms_doc_1t=round(one_thread.cpu_s * 1e3 / len(sample), 3),
+                ms_doc_1t=round(one_thread.wall_s * 1e3 / len(sample), 3),
+                bf16_ms_doc=None if bf16 is None else round(bf16.wall_s * 1e3 / len(sample), 3),
+                bf16_cpu_ms_doc=None if bf16 is None else round(bf16.cpu_s * 1e3 / len(sample), 3),
+                tokenize_ms_doc=round(tok_sw.wall_s * 1e3 / len(sample), 4),
+                batch=args.encoder_batch, threads=threads, docs=len(sample), loadavg=load,
+                loadavg_end=harness.loadavg(),
             ))
-        # one text at a time (the latency a user of model.predict(str) sees), at the largest max_length
+            print(harness.format_table(records[-1:], ENCODER_COLUMNS, ENCODER_HEADERS), flush=True)
         L = max(lengths)
         one = sample[: args.encoder_single_docs]
-        single = time_latency(
-            lambda t: model(**tokenizer([t], truncation=True, max_length=L, return_tensors="pt"),
-                            output_hidden_states=True), one)
+        single = []
+        for n in sorted({1, threads}):
+            with harness.num_threads(n):
+                t = time_latency(lambda x: model(**tokenizer([x], truncation=True, max_length=L,
+                                                             return_tensors="pt"), output_hidden_states=True), one)
+            single.append(dict(threads=n, ms_doc=round(t["wall"], 3), cpu_ms_doc=round(t["cpu"], 3)))
     return dict(encoder=path, token_lengths=stats, records=records,
-                single_doc=dict(max_length=L, ms_doc=round(single, 3), docs=len(one),
-                                threads=args.encoder_threads, loadavg=harness.loadavg()))
+                single_doc=dict(max_length=L, docs=len(one), runs=single, loadavg=harness.loadavg()))
 
 
 # ---------------------------------------------------------------------------------------------------- neural models
@@ -303,16 +343,20 @@ def render_md(name: str, payload: Dict[str, Any]) -> str:
                   + ", ".join(f"p{p} {v}" for p, v in tl["percentiles"].items()) + f", max {tl['max']}.", "",
                   f"Forward pass with all hidden states, `torch.inference_mode`, {enc['records'][0]['docs']} random "
                   f"texts in length-sorted batches of {enc['records'][0]['batch']} padded to the longest in the "
-                  f"batch, {enc['records'][0]['threads']} torch threads; `ms/doc` is the median of the passes in "
-                  "`runs` (tokenization not included: `tokenize ms/doc`).", "",
-                  harness.format_table(enc["records"], ENCODER_COLUMNS,
-                                       {"truncated_pct": "% truncated", "ms_doc": "ms/doc", "ms_doc_runs": "runs",
-                                        "docs_s": "docs/s", "tokenize_ms_doc": "tokenize ms/doc",
-                                        "mean_tokens": "mean tokens"}), ""]
+                  f"batch, {enc['records'][0]['threads']} torch threads: `ms/doc` is the median wall time of the "
+                  "passes in `runs`, `CPU ms/doc` the process CPU time of a pass (both threads); `CPU ms/doc 1 "
+                  "thread`: one more pass on one thread, its CPU time (on a loaded machine the closest to the idle "
+                  "time); `bf16 ...`: one pass under `torch.autocast('cpu', torch.bfloat16)` (this CPU has "
+                  "avx512_bf16). Tokenization is not included (`tokenize ms/doc`, fast tokenizer, whole sample at "
+                  "once).",
+                  "",
+                  harness.format_table(enc["records"], ENCODER_COLUMNS, ENCODER_HEADERS), ""]
         sd = enc.get("single_doc")
         if sd:
-            lines.append(f"One text at a time (batch 1, max_length {sd['max_length']}, tokenization included): "
-                         f"{sd['ms_doc']} ms/doc over {sd['docs']} texts, {sd['threads']} threads.")
+            runs = "; ".join(f"{r['threads']} thread(s): {r['ms_doc']} ms/doc wall, {r['cpu_ms_doc']} CPU ms/doc"
+                             for r in sd["runs"])
+            lines.append(f"One text at a time (batch 1, max_length {sd['max_length']}, tokenization included, "
+                         f"{sd['docs']} texts): {runs}.")
         lines.append(f"Date {enc.get('date')}, device {enc.get('device')}.")
     di = meta.get("device_info", {})
     lines += ["", f"Last run: `{meta.get('command')}` on {di.get('name')}, torch {di.get('torch')}, "
@@ -372,7 +416,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="threads for training / batch inference (all cores)")
     ap.add_argument("--latency-docs", type=int, default=1000, help="test docs timed one at a time")
     ap.add_argument("--encoder-lengths", default="32,48,64")
-    ap.add_argument("--encoder-docs", type=int, default=4096)
+    ap.add_argument("--encoder-docs", type=int, default=2048)
+    ap.add_argument("--encoder-bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time a bf16-autocast pass")
     ap.add_argument("--encoder-batch", type=int, default=128)
     ap.add_argument("--encoder-repeats", type=int, default=2)
     ap.add_argument("--encoder-threads", type=int, default=2)
@@ -413,7 +459,6 @@ def main(argv=None) -> Dict[str, Any]:
             print("encoder speed ...", flush=True)
             encoder = encoder_speed(train.texts + test.texts, args)
             encoder.update(date=date, device=info["name"])
-            print(harness.format_table(encoder["records"], ENCODER_COLUMNS), flush=True)
             print(json.dumps(encoder["token_lengths"]), json.dumps(encoder["single_doc"]), flush=True)
         else:
             row = run_model(part, train, test, inv, args)
