@@ -41,7 +41,7 @@ class Schedule:
         if step < self.warmup:
             return _cosine(self.WARMUP_START, 1.0, step / self.warmup)
         if step >= self.decay_start and self.decay > 0:
-            return _cosine(1.0, self.FINAL, (step - self.decay_start) / self.decay)
+            return _cosine(1.0, self.FINAL, (step + 1 - self.decay_start) / self.decay)  # the last step: max/1000
         return 1.0
 
     def beta1(self, step: int) -> Optional[float]:
@@ -50,7 +50,7 @@ class Schedule:
         if step < self.warmup:
             return _cosine(self.BETA1_MAX, self.BETA1_MIN, step / self.warmup)
         if step >= self.decay_start and self.decay > 0:
-            return _cosine(self.BETA1_MIN, self.BETA1_MAX, (step - self.decay_start) / self.decay)
+            return _cosine(self.BETA1_MIN, self.BETA1_MAX, (step + 1 - self.decay_start) / self.decay)
         return self.BETA1_MIN
 
     def apply(self, optimizers: Iterable, step: int) -> Dict[str, float]:

@@ -158,7 +158,7 @@ def predict_features(model, features, k: int = 5, batch_size: int = 1024):
     model.eval()
     try:
         for start in range(0, n, batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(features[start:start + batch_size])).to(device)
+            batch = torch.from_numpy(np.array(features[start:start + batch_size], dtype=np.float32)).to(device)
             batch_ids, batch_scores = model.predict_from_features(batch, k)
             ids[start:start + batch_size] = batch_ids.cpu().numpy()
             scores[start:start + batch_size] = batch_scores.float().cpu().numpy()
