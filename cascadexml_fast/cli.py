@@ -115,17 +115,13 @@ def resume_config(saved, config, requested):
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 def _load_model(directory: str, device: str):
-    import torch
-
     from .models import load_pretrained
     from .training.checkpoint import existing_model_dir
     from .training.trainer import resolve_device
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = existing_model_dir(directory)
-    model = load_pretrained(path, device=resolve_device(device))
-    torch.set_grad_enabled(False)
-    return path, model
+    return path, load_pretrained(path, device=resolve_device(device))
 
 
 def _model_training_info(path: Path) -> dict:

@@ -504,8 +504,9 @@ class Trainer:
                     if bar is not None:
                         bar.close()
                 self._time("training", time.perf_counter() - t_epoch)
+                if epoch + 1 == config.epochs:  # the last partial window, logged before the final checkpoint
+                    self._flush_window(epoch, state["step"], lrs)
                 self._end_epoch(epoch, selection_name, lrs)
-            self._flush_window(config.epochs - 1, self.steps_per_epoch, lrs)
             return self._finish(selection_name)
         finally:
             self._log_file.close()
