@@ -84,7 +84,12 @@ def run_train(args) -> int:
             requested = set(file_values) | set(given) | {a.split("=", 1)[0].split(".")[0] for a in args.assignments}
             config = resume_config(saved, config, requested)
     trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
-    summary = trainer.prepare().train()
+    try:
+        summary = trainer.prepare().train()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue from the last checkpoint with `cascadexml-fast train --output-dir "
+              f"{config.output_dir} --resume`", file=sys.stderr)
+        return 130
     best = summary.get("selection_metrics") or {}
     print(f"best epoch {summary['best_epoch']} on {summary['selection_split']}: {format_metrics(best)}")
     if summary.get("test_metrics") and summary["selection_split"] != "test":
