@@ -5,12 +5,17 @@
   all-gather of fixed-size candidate lists, sum all-reduce. Every call goes through ``torch.distributed.<name>``
   looked up at call time (so a benchmark can wrap those functions to measure the bytes moved) and is counted in
   ``Comm.meter`` (op, payload bytes).
-- Failures (``guard``): a rank that raises inside a guarded block publishes "rank r: what: error" in the process
-  group's store and tears its process group down, which makes every peer waiting in a collective fail at once
-  (gloo and NCCL report the closed connection) instead of hanging; the peers turn that collective error into a
-  ``PeerFailure`` naming the failed rank and its error. A rank that dies without a word (killed, segfault) or hangs
-  shows up the same way, through the closed connection or the process group's timeout (``init_process_group(
-  timeout=...)``; ``init_distributed`` sets it), as a ``PeerFailure`` that says no rank reported an error.
+- Failures (``guard``): a rank that raises inside a guarded block (every collective method of the sharded head
+  is one) publishes "rank r: what: error" in the process group's store, tries to tear its process group down and
+  re-raises. Its peers may be blocked in a collective with it, and with gloo an alive process keeps its sockets
+  open (tearing the group down does not close them while e.g. a DDP still references it), so under a guard the
+  gloo collectives are issued asynchronously and waited for while the store is polled (every 50 ms): the peers
+  see the report and raise ``PeerFailure`` naming the failed rank and its error within a fraction of a second. A
+  rank that dies without a word (killed, segfault) closes its connections, and one that hangs makes the
+  collective time out (``init_process_group(timeout=...)``; ``init_distributed`` sets it): both surface as a
+  ``PeerFailure`` that says no rank reported an error. Collectives outside our control (DDP's gradient
+  all-reduce) are bounded by the process group's timeout only. On NCCL the collectives run synchronously on the
+  stream (no polling: it would sync the host), and NCCL's watchdog enforces the timeout.
 - ``sum_gradients_hook``: a DDP communication hook that sums gradients instead of averaging them. The sharded
   head computes the loss of the *global* batch, split by label ownership over the ranks, so the gradient of a
   replicated (data-parallel) parameter is the sum of the ranks' gradients, not their mean.
@@ -155,6 +160,20 @@ class Comm:
         name, fn = _dist_fn("reduce_scatter_single", "reduce_scatter_tensor")
         self._call(name, fn, out, x, group=self.group)
         self.meter.add("reduce_scatter", _nbytes(x) + _nbytes(out), (R - 1) * _nbytes(out))
+        return out
+
+    def all_to_all_rows(self, x: torch.Tensor, send_rows: List[int], recv_rows: List[int]) -> torch.Tensor:
+        """Rows [sum(send_rows[:r]), sum(send_rows[:r+1])) of x go to rank r; returns what the ranks sent here,
+        [sum(recv_rows), ...] in rank order."""
+        x = x.contiguous()
+        if not self.distributed:
+            return x.clone()
+        out = x.new_empty((sum(recv_rows),) + tuple(x.shape[1:]))
+        self._call("all_to_all_single", dist.all_to_all_single, out, x, list(recv_rows), list(send_rows),
+                   group=self.group)
+        row = _nbytes(x) // max(x.shape[0], 1) if x.shape[0] else 0
+        sent = sum(n for r, n in enumerate(send_rows) if r != self.rank) * row
+        self.meter.add("all_to_all", _nbytes(x) + _nbytes(out), sent)
         return out
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:

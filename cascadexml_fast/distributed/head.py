@@ -105,6 +105,29 @@ def backend_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return scores[:, 0]
 
 
+def _pack(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(fp32 values, int64 positions < 2^31) [B, k] -> int32 [B, k, 2]: the values' bits and the positions."""
+    return torch.stack([values.float().contiguous().view(torch.int32), positions.to(torch.int32)], dim=-1)
+
+
+def _unpack(packed: torch.Tensor):
+    return packed[..., 0].contiguous().view(torch.float32), packed[..., 1].long()
+
+
+def _merge(packed: torch.Tensor, K: int, k: int):
+    """Top-k of candidate lists [n, m, 2] (packed (value, global position) pairs; position -1 = none): the pairs
+    are put back at their positions in an [n, K] row (no position occurs twice) and the topk op ranks them."""
+    values, positions = _unpack(packed)
+    n = values.shape[0]
+    valid = positions >= 0
+    where = torch.where(valid, positions, torch.full_like(positions, K))
+    row = values.new_full((n, K + 1), float("-inf"))
+    row.scatter_(1, where, values)
+    chosen = torch.zeros(n, K + 1, dtype=torch.bool, device=values.device)
+    chosen.scatter_(1, where, valid)
+    return topk_op(row[:, :K].contiguous(), k, chosen[:, :K].contiguous())
+
+
 class ShardedCascadeHead(nn.Module):
     """A CascadeHead with every level's table sharded over the ranks of `group` (module doc).
 
@@ -112,6 +135,7 @@ class ShardedCascadeHead(nn.Module):
         tree, dim, beams, combine, bias, sparse_grad, dtype, device: as CascadeHead.
         group: the process group (default: the default group; none at all: a single process holding everything).
         boundaries: per level, the R + 1 row boundaries (default: `shard_boundaries`).
+        topk_merge: how the per-level top-k lists are merged over ranks (`distributed_topk`).
         seed: initialisation. Tables are Xavier-uniform with the full table's bound, drawn in chunks of
             INIT_CHUNK_ROWS rows from generators seeded by (seed, level, chunk), so the full table is the same
             for any number of ranks; biases are zero. `from_full` copies an existing CascadeHead instead.
@@ -121,7 +145,7 @@ class ShardedCascadeHead(nn.Module):
 
     def __init__(self, tree, dim, beams, *, group=None, combine: str = "leaf", bias: bool = True,
                  sparse_grad: bool = False, dtype=None, device=None, boundaries=None, seed: int = 0,
-                 _initialize: bool = True):
+                 topk_merge: str = "auto", _initialize: bool = True):
         super().__init__()
         offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
         perm = torch.as_tensor(tree.perm, dtype=torch.int64)
@@ -137,6 +161,8 @@ class ShardedCascadeHead(nn.Module):
             raise ValueError(f"beams needs one entry per level but the last ({levels - 1}), got {len(beams)}")
         if combine not in ("leaf", "leaf_x_parent"):
             raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+        if topk_merge not in ("auto", "all_gather", "all_to_all"):
+            raise ValueError(f"topk_merge must be 'auto', 'all_gather' or 'all_to_all', got {topk_merge!r}")
         self.comm = Comm(group)
         R, rank = self.comm.world_size, self.comm.rank
         self.level_sizes = sizes
@@ -145,6 +171,7 @@ class ShardedCascadeHead(nn.Module):
         self.combine = combine
         self.sparse_grad = sparse_grad
         self.seed = seed
+        self.topk_merge = topk_merge
         self.max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
         self.boundaries = _check_boundaries(boundaries if boundaries is not None else
                                             shard_boundaries(sizes, offsets, R), sizes, R)
@@ -166,14 +193,14 @@ class ShardedCascadeHead(nn.Module):
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_full(cls, head: CascadeHead, group=None, boundaries=None) -> "ShardedCascadeHead":
+    def from_full(cls, head: CascadeHead, group=None, boundaries=None, topk_merge: str = "auto") -> "ShardedCascadeHead":
         """This rank's shard of a full CascadeHead (every rank passes the same head: e.g. built from the same seed,
         or loaded from the same file)."""
         tree = SimpleNamespace(offsets=[o.cpu() for o in head.offsets], perm=head.perm.cpu())
         w0 = head.weights[0]
         sharded = cls(tree, head.dims, head.beams, group=group, combine=head.combine, bias=head.biases is not None,
                       sparse_grad=head.sparse_grad, dtype=w0.dtype, device=w0.device, boundaries=boundaries,
-                      _initialize=False)
+                      topk_merge=topk_merge, _initialize=False)
         with torch.no_grad():
             for level in range(sharded.num_levels):
                 lo, hi = sharded.local_range(level)
@@ -284,23 +311,31 @@ class ShardedCascadeHead(nn.Module):
     def distributed_topk(self, scores: torch.Tensor, k: int, candidates: torch.Tensor):
         """The top-k (values fp32, positions int64 [B, k]) of scores [B, K] over the union of every rank's
         `candidates` (each rank passes the entries it owns; the sets are disjoint), identical on every rank and
-        equal to `topk` over the union in one process (ties to the lower position, NaN below -inf)."""
+        equal to `topk` over the union in one process (ties to the lower position, NaN below -inf).
+
+        Each rank's own top-k travels as (fp32 score bits, int32 position) pairs, 8 bytes a candidate. Merge
+        (`self.topk_merge`): "all_gather" (every rank receives all R lists of all B documents and merges them:
+        (R - 1) B k pairs per rank) or "all_to_all" (documents are split into R contiguous chunks; rank c
+        receives every rank's lists of chunk c, merges them, and the merged top-k are all-gathered: about
+        2 (R - 1) / R B k pairs per rank, two collectives); "auto" = all_gather for R <= 2, else all_to_all."""
         values, positions = topk_op(scores, k, candidates)
         comm = self.comm
         B, K = scores.shape
+        R = comm.world_size
         if not comm.distributed or B * k == 0:
             return values, positions
-        packed = torch.stack([values.double(), positions.double()], dim=-1).reshape(1, B, 2 * k)
-        gathered = comm.all_gather_tensor(packed).reshape(comm.world_size, B, k, 2)
-        gathered = gathered.permute(1, 0, 2, 3).reshape(B, comm.world_size * k, 2)
-        pos = gathered[..., 1].long()
-        valid = pos >= 0
-        where = torch.where(valid, pos, torch.full_like(pos, K))
-        merged = scores.new_full((B, K + 1), float("-inf"), dtype=torch.float32)
-        merged.scatter_(1, where, gathered[..., 0].float())
-        chosen = torch.zeros(B, K + 1, dtype=torch.bool, device=scores.device)
-        chosen.scatter_(1, where, valid)
-        return topk_op(merged[:, :K].contiguous(), k, chosen[:, :K].contiguous())
+        packed = _pack(values, positions)  # [B, k, 2] int32
+        mode = self.topk_merge if self.topk_merge != "auto" else ("all_gather" if R <= 2 else "all_to_all")
+        if mode == "all_gather":
+            gathered = comm.all_gather_tensor(packed.unsqueeze(0))  # [R, B, k, 2]
+            return _merge(gathered.permute(1, 0, 2, 3).reshape(B, R * k, 2), K, k)
+        chunks = [(r + 1) * B // R - r * B // R for r in range(R)]
+        mine = chunks[comm.rank]
+        received = comm.all_to_all_rows(packed, chunks, [mine] * R)  # [R * mine, k, 2]
+        merged_values, merged_positions = _merge(
+            received.reshape(R, mine, k, 2).permute(1, 0, 2, 3).reshape(mine, R * k, 2), K, k)
+        merged, _ = comm.all_gather_rows(_pack(merged_values, merged_positions), chunks)
+        return _unpack(merged)
 
     # ------------------------------------------------------------------------------------------ inference
     @torch.no_grad()
