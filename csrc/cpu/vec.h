@@ -63,6 +63,15 @@ struct F16 {
   }
 };
 
+// int8 table rows (inference): symmetric per-row quantisation, so the kernel widens q to fp32, accumulates
+// <x, q> in fp32 and multiplies the sum by the row's scale once (see shortlist_score.cpp). The conversion is a
+// sign extension plus an int -> float convert, which GCC vectorises (vpmovsxbd + vcvtdq2ps on x86-64-v3/v4).
+struct I8 {
+  using T = int8_t;
+  using A = float;
+  static inline float load(const T* p, int64_t i) { return float(p[i]); }
+};
+
 // 32 independent partial sums break the FMA latency chain (4 vectors of 8 on AVX2). The summation order is
 // fixed, so a result does not depend on the thread count; it may differ in the last bit between CPUs whose
 // clones differ in FMA contraction.
