@@ -8,7 +8,10 @@ optimizer step over all levels of a label tree) against the originals' PyTorch p
 Ours:      head = cascadexml_fast.CascadeHead(tree, D, beams, sparse_grad=True, dtype=...);
            loss = head.loss(level_features, positives); loss.backward();
            opt = cascadexml_fast.SparseAdamW(head.parameters(), lr=1e-3, mode=...); opt.step(); opt.zero_grad()
-           methods ours-lazy, ours-exact (mode="exact"), ours-lazy-bf16state (state_dtype=torch.bfloat16).
+           methods ours-lazy, ours-exact (mode="exact"), ours-lazy-bf16state (state_dtype=torch.bfloat16),
+           ours-lazy-8bitstate (state_dtype=torch.uint8: 8-bit block-quantised moments).
+           On CUDA every step runs the Triton kernels: the fused shortlist_bce forward (scores + targets + loss +
+           logit gradient), the row-sparse backward, and the SparseAdamW kernel of the method's state dtype.
 Reference: per level, the same teacher-forced selection written in plain torch (sigmoid(logit) + dense [B, K]
            targets, torch.topk over the beam, children expanded through a padded [nodes, max_children] table);
            level 0 dense F.linear, deeper levels torch.bmm(W[ids], x.unsqueeze(-1)).squeeze(-1) + b[ids];
@@ -48,6 +51,7 @@ METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "ours-lazy": dict(mode="lazy", state_dtype=torch.float32),
     "ours-exact": dict(mode="exact", state_dtype=torch.float32),
     "ours-lazy-bf16state": dict(mode="lazy", state_dtype=torch.bfloat16),
+    "ours-lazy-8bitstate": dict(mode="lazy", state_dtype=torch.uint8),
     "reference": None,
 }
 LR = 1e-3

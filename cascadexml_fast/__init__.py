@@ -14,9 +14,26 @@ from .quantize import quantize, quantize_table  # noqa: E402
 from .tree import LabelTree  # noqa: E402
 from .optim import SparseAdamW, SparseRowwiseAdagrad  # noqa: E402
 
+# The models pull in transformers: loaded on first use (cx.CascadeXML, cx.models...), not at import.
+_LAZY_MODEL_NAMES = ("CascadeXML", "CascadeXMLConfig", "LightXML", "LightXMLConfig", "load_pretrained")
+
+
+def __getattr__(name):
+    if name == "models" or name in _LAZY_MODEL_NAMES:
+        import importlib
+
+        models = importlib.import_module(".models", __name__)
+        return models if name == "models" else getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CascadeHead",
+    "CascadeXML",
+    "CascadeXMLConfig",
     "LabelTree",
+    "LightXML",
+    "LightXMLConfig",
     "ShortlistedLinear",
     "SparseAdamW",
     "SparseRowwiseAdagrad",
@@ -25,7 +42,9 @@ __all__ = [
     "cascade_search",
     "data",
     "info",
+    "load_pretrained",
     "metrics",
+    "models",
     "ops",
     "quantize",
     "quantize_table",

@@ -1,4 +1,5 @@
-"""`python -m cascadexml_fast info|build-tree` (also installed as the `cascadexml-fast` command)."""
+"""`python -m cascadexml_fast info|build-tree|train|evaluate|predict|demo` (also installed as the
+`cascadexml-fast` command)."""
 import argparse
 import json
 import sys
@@ -12,9 +13,14 @@ def main(argv=None) -> int:
     from .tree import add_build_tree_parser, run_build_tree
 
     add_build_tree_parser(commands)
+    from .cli import add_parsers, run
+
+    add_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "build-tree":
         return run_build_tree(args)
+    if args.command in ("train", "evaluate", "predict", "demo"):
+        return run(args)
 
     if args.command == "info":
         from . import info

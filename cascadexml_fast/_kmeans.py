@@ -318,6 +318,8 @@ class SparseBackend:
         del Zc
         self.total = np.asarray(self.Zu.T @ np.ones(self.M, dtype=np.float32), dtype=np.float64).ravel()
         self.D = np.zeros(ustart.size, dtype=np.float32)
+        self._v = np.zeros(self.M, dtype=np.float32)
+        self._sl, self._sr, self._tmp = (np.empty(ustart.size, dtype=np.float64) for _ in range(3))
 
     def init_centroids(self, s1: torch.Tensor, s2: torch.Tensor) -> None:
         v = np.zeros(self.M, dtype=np.float32)
@@ -330,22 +332,47 @@ class SparseBackend:
         return torch.from_numpy(full if slots is None else full[slots.numpy()])
 
     def update(self, slots: Optional[torch.Tensor], left: torch.Tensor, starts: torch.Tensor, nodes: torch.Tensor):
-        v = np.zeros(self.M, dtype=np.float32)
+        # Arrays of U (feature, node) pairs are tens of MB: every fresh one costs its page faults, which cost
+        # more than the arithmetic, so the pass works in buffers kept for the round (out=, take instead of
+        # boolean masks); the values are computed exactly as before (float64 sums, division).
+        v = self._v
         if slots is None:
             v[:] = left.numpy()
         else:
+            v.fill(0)
             v[slots.numpy()] = left.numpy()
-        SL = np.asarray(self.Zu.T @ v, dtype=np.float64).ravel()
-        SR = self.total - SL
-        act = np.zeros(self.K, dtype=bool)
+        sl32 = self.Zu.T @ v
         nd = nodes.numpy()
-        act[nd] = True
-        m = act[self.node_of_u]
-        nu = self.node_of_u[m]
-        SL, SR = SL[m], SR[m]
-        nl = np.sqrt(np.bincount(nu, SL ** 2, minlength=self.K))
-        nr = np.sqrt(np.bincount(nu, SR ** 2, minlength=self.K))
-        self.D[m] = (SL / np.maximum(nl[nu], 1e-30) - SR / np.maximum(nr[nu], 1e-30)).astype(np.float32)
+        if nd.size == self.K:
+            sel = None
+            nu = self.node_of_u
+            SL, SR, tmp = self._sl, self._sr, self._tmp
+            np.copyto(SL, sl32)
+            np.subtract(self.total, SL, out=SR)
+        else:
+            act = np.zeros(self.K, dtype=bool)
+            act[nd] = True
+            sel = np.flatnonzero(act.take(self.node_of_u))
+            nu = self.node_of_u.take(sel)
+            n = sel.size
+            SL, SR, tmp = self._sl[:n], self._sr[:n], self._tmp[:n]
+            np.copyto(SL, sl32.take(sel))
+            np.take(self.total, sel, out=SR)
+            np.subtract(SR, SL, out=SR)
+        del sl32
+        np.multiply(SL, SL, out=tmp)
+        nl = np.sqrt(np.bincount(nu, tmp, minlength=self.K))
+        np.multiply(SR, SR, out=tmp)
+        nr = np.sqrt(np.bincount(nu, tmp, minlength=self.K))
+        np.take(np.maximum(nl, 1e-30), nu, out=tmp)
+        np.divide(SL, tmp, out=SL)
+        np.take(np.maximum(nr, 1e-30), nu, out=tmp)
+        np.divide(SR, tmp, out=SR)
+        np.subtract(SL, SR, out=SL)
+        if sel is None:
+            np.copyto(self.D, SL, casting="same_kind")
+        else:
+            self.D[sel] = SL
         return torch.from_numpy(nl[nd].astype(np.float32)), torch.from_numpy(nr[nd].astype(np.float32))
 
     def end_round(self) -> None:
@@ -353,6 +380,7 @@ class SparseBackend:
         self.D = None
         self.node_of_u = None
         self.total = None
+        self._v = self._sl = self._sr = self._tmp = None
 
     def close(self) -> None:
         pass

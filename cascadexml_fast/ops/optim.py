@@ -51,10 +51,29 @@ def _sparse_rowwise_adagrad_step_cuda(param, state_sum, rows, grad, lr, eps, wei
     kernels.sparse_rowwise_adagrad_step(*args)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_8bit_kernels():
+    try:
+        from ..kernels.triton import adamw8bit as kernels
+
+        return kernels
+    except ImportError:
+        return None
+
+
+def _sparse_adamw8bit_step_cuda(param, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, rows,
+                                grad, step, lr, beta1, beta2, eps, weight_decay, stochastic_rounding=False, seed=0):
+    kernels = _triton_8bit_kernels()
+    args = (param, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales, rows, grad, step, lr, beta1,
+            beta2, eps, weight_decay, stochastic_rounding, seed)
+    if kernels is None:
+        return reference.sparse_adamw8bit_step(*args)
+    kernels.sparse_adamw8bit_step(*args)
+
+
 _library.LIBRARY.impl("sparse_adamw_step", _sparse_adamw_step_cuda, "CUDA")
 _library.LIBRARY.impl("sparse_rowwise_adagrad_step", _sparse_rowwise_adagrad_step_cuda, "CUDA")
-# No Triton kernel yet for the 8-bit state: on CUDA the (vectorised, bit-exact) torch reference runs.
-_library.LIBRARY.impl("sparse_adamw8bit_step", reference.sparse_adamw8bit_step, "CUDA")
+_library.LIBRARY.impl("sparse_adamw8bit_step", _sparse_adamw8bit_step_cuda, "CUDA")
 
 
 @torch.library.register_fake(_QUALIFIED + "sparse_adamw_step")
@@ -190,8 +209,9 @@ def sparse_adamw8bit_step(
     with fresh block absmaxes. Memory: 2 bytes + 8 / 256 bytes per element for both moments.
 
     Args: as sparse_adamw_step (param fp32 / bf16 / fp16; rows int64 unique ascending; grad [U, D];
-    stochastic_rounding, seed for bf16 / fp16 params). Kernels: C++/OpenMP on CPU; on CUDA the torch reference
-    (no Triton kernel yet).
+    stochastic_rounding, seed for bf16 / fp16 params). Kernels: C++/OpenMP on CPU, Triton on CUDA
+    (kernels/triton/adamw8bit.py: one program per touched row and 256-element block), both bit-identical to the
+    torch reference.
     """
     check_tensor("param", param, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
     check_tensor("grad", grad, dim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))

