@@ -59,27 +59,27 @@ def quantize_table(weight: torch.Tensor, *, chunk_rows: int = _CHUNK_ROWS) -> Tu
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """True for a ShortlistedLinear / CascadeHead whose tables were converted by `quantize`."""
+    """True for a module whose tables were converted by `quantize`."""
     return bool(getattr(module, "quantized", False))
 
 
 @torch.no_grad()
 def quantize(module: nn.Module) -> nn.Module:
     """Converts, in place, every `ShortlistedLinear` and `CascadeHead` inside `module` (the module itself
-    included) to int8 tables with per-row fp32 scales for inference; returns `module`.
+    included), and every other submodule that defines `_quantize_()` (LightXML's label embedding), to int8 tables
+    with per-row fp32 scales for inference; returns `module`.
 
     Each table becomes an int8 tensor in place of the float parameter (same name, `requires_grad=False`), its
-    scales a buffer (`weight_scale` of a ShortlistedLinear, `weight_scale_<level>` of a CascadeHead); biases stay,
-    converted to fp32 and frozen. `forward`, `full` and `search` then use the int8 tables; training is refused
-    (`CascadeHead.loss` raises; gradients still reach the input features). Other submodules (the encoder of a
-    model) are left as they are. Already quantised modules are skipped. To load a quantised checkpoint, build the
-    module, call `quantize` on it, then `load_state_dict`.
+    scales a buffer (`weight_scale` of a ShortlistedLinear, `weight_scale_<level>` of a CascadeHead,
+    `label_embedding_scale` of LightXML); biases stay, converted to fp32 and frozen. `forward`, `full`, `search` and
+    `predict` then use the int8 tables; training is refused (`loss` raises; gradients still reach the input
+    features). Other submodules (the encoder of a model) are left as they are. Already quantised modules are
+    skipped. To load a quantised checkpoint, build the module, call `quantize` on it, then `load_state_dict`
+    (models: save the float model and quantise after `load_pretrained`).
     """
-    from .layers import CascadeHead, ShortlistedLinear
-
     if not isinstance(module, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(module).__name__}")
     for sub in list(module.modules()):
-        if isinstance(sub, (CascadeHead, ShortlistedLinear)) and not is_quantized(sub):
+        if callable(getattr(sub, "_quantize_", None)) and not is_quantized(sub):
             sub._quantize_()
     return module

