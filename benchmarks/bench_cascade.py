@@ -9,6 +9,9 @@ Trees are built synthetically with evenly split children (offsets[i] = floor(ara
 Amazon-670K's CascadeXML shape 1024 / 8192 / 65536 / 670,091 (8, 8, 10-11 children) and a 2.8M-label tree
 1024 / 16384 / 262144 / 2,812,281 (16, 16, 10-11 children); beams 128 / 256 / 400; D = 768; tables random with
 std 0.05 (logits O(1)), one feature matrix per level (CascadeXML feeds each level from its own encoder layer).
+dtype "int8": the fp32 tables quantised by cascadexml_fast.quantize_table (int8 rows + per-row fp32 scales, passed as
+weight_scales), fp32 biases and features; the reference cascade then dequantises the rows it gathers, and there is
+no dense baseline (it would dequantise the whole label table).
 See benchmarks/README.md ("bench_topk.py and bench_cascade.py") for every column and the roofline.
 """
 from __future__ import annotations
@@ -36,7 +39,8 @@ except ImportError:  # appended, not prepended: an installed cascadexml_fast kee
     from benchmarks import bench_topk as _bt
 
 NAME = "cascade"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+INT8 = "int8"  # tables int8 + per-row fp32 scales; features and biases fp32
 METHODS = ("fused", "reference", "dense", "fused_graph")  # fused_graph: CUDA only (the op replayed as a CUDA graph)
 
 COLUMNS = ["method", "tree", "dtype", "B", "threads", "ms", "p10_ms", "p90_ms", "n", "ms_per_doc", "docs_per_s",
@@ -67,7 +71,8 @@ def plan(device: str, preset: str) -> List[Case]:
     """Shapes per device and preset (full / quick / tiny)."""
     frd = ("fused", "reference", "dense")
     if preset == "tiny":
-        return [Case("tiny", 1, dt, 1, frd) for dt in ("fp32", "bf16")] + [Case("tiny", 5, "fp32", None, frd)]
+        return ([Case("tiny", 1, dt, 1, frd) for dt in ("fp32", "bf16")] + [Case("tiny", 5, "fp32", None, frd)]
+                + [Case("tiny", 1, INT8, 1, ("fused", "reference"))])
     if device == "cuda":
         allm = ("fused", "reference", "dense", "fused_graph")  # graph last: a failed capture cannot spoil the rest
         if preset == "quick":
@@ -81,6 +86,7 @@ def plan(device: str, preset: str) -> List[Case]:
     for dt in ("fp32", "bf16"):
         cases += [Case("670k", 1, dt, 1, frd), Case("670k", 32, dt, None, frd),
                   Case("670k", 256, dt, None, ("fused", "reference"))]  # dense at B=256: ~4-11 s a call on 2 cores
+    cases += [Case("670k", 1, INT8, 1, ("fused", "reference"))]
     return cases
 
 
@@ -140,12 +146,12 @@ def rows_from_tree(tree: Tree, B: int) -> Tuple[List[int], List[int]]:
 
 
 def op_bytes(distinct: Sequence[int], pairs: Sequence[int], *, B: int, D: int, k: int, s_w: int, s_b: int,
-             s_x: int) -> Dict[str, int]:
-    """Unavoidable bytes of one search: every table row the batch scores read once (row + bias: distinct rows over
-    the batch, each level), the per-level features read once, ids (int64) and scores (fp32) [B, k] written once.
-    Candidate scores between levels stay on chip in a fused kernel, so they are not counted. `no_dedup`: a row is
-    read once per document that scores it."""
-    row = D * s_w + s_b
+             s_x: int, s_scale: int = 0) -> Dict[str, int]:
+    """Unavoidable bytes of one search: every table row the batch scores read once (row + bias, + the row's fp32
+    scale for int8 tables: distinct rows over the batch, each level), the per-level features read once, ids (int64)
+    and scores (fp32) [B, k] written once. Candidate scores between levels stay on chip in a fused kernel, so they
+    are not counted. `no_dedup`: a row is read once per document that scores it."""
+    row = D * s_w + s_b + s_scale
     common = len(distinct) * B * D * s_x + B * k * (8 + 4)
     return dict(bytes=sum(distinct) * row + common, bytes_no_dedup=sum(pairs) * row + common)
 
@@ -251,10 +257,17 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             if cuda:
                 torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        need_fp32 = any(c.tree == tname and c.dtype == "fp32" for c in cases)
+        need_fp32 = any(c.tree == tname and c.dtype in ("fp32", INT8) for c in cases)
         if need_fp32 and tname not in fp32_cache:
             fp32_cache[tname] = make_tables(tree, D, device, torch.float32, seed)
-        if tname in fp32_cache:
+        scales = None
+        if dname == INT8:
+            from benchmarks.bench_shortlist_score import quantize
+
+            Wf, bf = fp32_cache[tname]
+            quantised = [quantize(w) for w in Wf]
+            weights, scales, biases = [q for q, _ in quantised], [sc for _, sc in quantised], list(bf)
+        elif tname in fp32_cache:
             Wf, bf = fp32_cache[tname]
             weights, biases = [w.to(dtype) for w in Wf], [b.to(dtype) for b in bf]
         else:
@@ -266,10 +279,12 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
         mc = tree.max_children()
         beams = list(tree.beams)
         s_w, s_b = weights[0].element_size(), biases[0].element_size()
+        s_scale = 4 if scales is not None else 0
+        x_dtype = torch.float32 if dname == INT8 else dtype
 
         for c in [c for c in cases if c.tree == tname and c.dtype == dname]:
             B = c.B
-            X = make_features(tree, B, D, device, dtype, seed + 17 * B + 1)
+            X = make_features(tree, B, D, device, x_dtype, seed + 17 * B + 1)
             nthreads = None if cuda else (c.threads or torch.get_num_threads())
             tkey = None if cuda else nthreads
             base = dict(device=device.type, tree=tname, sizes="/".join(map(str, tree.sizes)),
@@ -280,18 +295,23 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                 want = [m for m in want if m != "fused_graph"]
             if cx is None:
                 want = [m for m in want if m not in ("fused", "fused_graph")]
+            if dname == INT8:
+                want = [m for m in want if m != "dense"]  # would dequantise the whole label table
             state: Dict[str, Any] = {"trace": []}
 
             def ref_call():
                 trace = state.pop("trace", None)  # the first call records the beams (rows touched per level)
                 out = ref.beam_search(X, weights, biases, offsets, beams, mc, k, combine,
                                       score_fn=ref.shortlist_score, block_score_fn=ref.block_score,
-                                      topk_fn=ref.topk, trace=trace)
+                                      topk_fn=ref.topk, trace=trace, weight_scales=scales)
                 if trace is not None:
                     state["trace_done"] = trace
                 return out
 
             def fused_call():
+                if scales is not None:
+                    return cx.cascade_search(X, weights, biases, offsets, beams, k, combine, max_children=mc,
+                                             validate=validate, weight_scales=scales)
                 return cx.cascade_search(X, weights, biases, offsets, beams, k, combine, max_children=mc,
                                          validate=validate)
 
@@ -351,7 +371,8 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                     from cascadexml_fast.ops import search
 
                     tr = []
-                    search.beam_search_with_ops(X, weights, biases, offsets, beams, mc, k, combine, trace=tr)
+                    search.beam_search_with_ops(X, weights, biases, offsets, beams, mc, k, combine, trace=tr,
+                                                weight_scales=scales)
                     src = "fused-op beams"
                 except Exception:
                     tr = None
@@ -360,7 +381,7 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             else:
                 distinct, pairs = rows_from_tree(tree, B)
                 src = "tree block sizes (no trace)"
-            nb = op_bytes(distinct, pairs, B=B, D=D, k=k, s_w=s_w, s_b=s_b, s_x=X[0].element_size())
+            nb = op_bytes(distinct, pairs, B=B, D=D, k=k, s_w=s_w, s_b=s_b, s_x=X[0].element_size(), s_scale=s_scale)
             flops = op_flops(pairs, D)
             roof = harness.roofline(nb["bytes"], flops, bandwidth[tkey], peaks[(tkey, dname)])
             roof_nd = harness.roofline(nb["bytes_no_dedup"], flops, bandwidth[tkey], peaks[(tkey, dname)])
@@ -392,7 +413,7 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             del X
             if cuda:
                 torch.cuda.empty_cache()
-        del weights, biases
+        del weights, biases, scales
     fp32_cache.clear()
     return records
 
@@ -424,6 +445,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="labels returned per document (default 100; tiny 10)")
     p.add_argument("--dim", type=int, default=None, help="feature dim D (default 768; tiny 64)")
     p.add_argument("--combine", choices=("leaf", "leaf_x_parent"), default="leaf")
+    p.add_argument("--tag", default=None,
+                   help="results go to <name>_<tag>_<device>.* (a partial run never overwrites the full one)")
     return p.parse_args(argv)
 
 
@@ -455,7 +478,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         with harness.num_threads(tc):
             bandwidth[tc] = harness.copy_bandwidth(device, nbytes=(16 << 20) if tiny else None)
             for d in sorted({c.dtype for c in cases}):
-                peaks[(tc, d)] = harness.matmul_peak(device, DTYPES[d], n=256 if tiny else None, reps=3)
+                # int8 tables are widened and multiplied in fp32: their compute ceiling is the fp32 peak
+                peaks[(tc, d)] = harness.matmul_peak(device, torch.float32 if d == INT8 else DTYPES[d],
+                                                     n=256 if tiny else None, reps=3)
     for tc in thread_counts:
         print(f"# {'' if tc is None else f'{tc} thread(s): '}copy bandwidth {bandwidth[tc] / 1e9:.1f} GB/s; matmul "
               + ", ".join(f"{d} {p / 1e9:.4g} GFLOP/s" for (t, d), p in peaks.items() if t == tc))
@@ -501,8 +526,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     paths = {}
     if not args.no_write:
         paths = harness.write_results(
-            NAME if preset == "full" else f"{NAME}_{preset}", records, meta, args.out, columns=COLUMNS,
-            headers=HEADERS, plot=dict(x="shape", y="ms_per_doc", series="method", panels=("dtype",)),
+            (NAME if preset == "full" else f"{NAME}_{preset}") + (f"_{args.tag}" if args.tag else ""), records, meta,
+            args.out, columns=COLUMNS, headers=HEADERS, plot=dict(x="shape", y="ms_per_doc", series="method", panels=("dtype",)),
             notes="ms = median of one search of B documents; %roof = roofline ms / ms (bytes: distinct table rows "
                   "the batch scores + features + outputs, over the copy bandwidth of this run at the row's thread "
                   "count); x ref / x dense = reference cascade / dense ms over this ms (same run); rows = distinct "

@@ -8,6 +8,10 @@ The op: s[b, k] = <x[b], W[idx[b, k]]> + bias[idx[b, k]] (fp32 scores; pad id -1
 CascadeXML's leaf level sees them: each document scores `clusters` whole clusters of `cluster_size` contiguous label
 ids (tree order), the clusters drawn at random per document (seeded), so K = clusters * cluster_size and U (distinct
 rows touched by the batch) is counted and reported. See benchmarks/README.md for every column and the roofline.
+
+dtype "int8": the fp32 table quantised by cascadexml_fast.quantize_table (int8 rows + per-row fp32 scales, passed as
+weight_scale), x and bias fp32, forward only; its gather_bmm baseline gathers the int8 rows and dequantises them
+before the bmm (W[idx].float() * scale[idx]), and it has no dense baseline (that would dequantise the whole table).
 """
 from __future__ import annotations
 
@@ -30,18 +34,37 @@ except ImportError:  # appended, not prepended: an installed cascadexml_fast kee
     from benchmarks import harness
 
 NAME = "shortlist_score"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+INT8 = "int8"  # x and bias stay fp32; W is int8 with per-row fp32 scales
 MODES = ("fwd", "fwdbwd-dense", "fwdbwd-sparse")  # fwdbwd-sparse: fused only (row-sparse COO dW)
 METHODS = ("fused", "gather_bmm", "dense")
 
 COLUMNS = ["method", "mode", "dtype", "L", "B", "K", "D", "U", "ms", "p10_ms", "p90_ms", "n", "gbps",
-           "pct_roofline", "x_vs_gather", "x_vs_dense", "extra_mb", "mem_vs_gather", "note"]
+           "pct_roofline", "x_vs_gather", "x_vs_dense", "x_vs_fp32", "extra_mb", "mem_vs_gather", "note"]
 HEADERS = {"p10_ms": "p10", "p90_ms": "p90", "gbps": "GB/s", "pct_roofline": "%roof", "x_vs_gather": "x gather",
-           "x_vs_dense": "x dense", "extra_mb": "extra MB", "mem_vs_gather": "mem/gather"}
+           "x_vs_dense": "x dense", "x_vs_fp32": "x fp32", "extra_mb": "extra MB", "mem_vs_gather": "mem/gather"}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the op under test
+
+
+def _reference_module():
+    """cascadexml_fast/ops/reference.py loaded from its file (it imports only torch)."""
+    spec = importlib.util.spec_from_file_location("_cx_reference", REPO / "cascadexml_fast" / "ops" / "reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def quantize(table: torch.Tensor):
+    """(int8 table, fp32 per-row scales): cascadexml_fast.quantize_table, or the reference's where the package
+    does not import."""
+    try:
+        from cascadexml_fast import quantize_table
+    except Exception:
+        quantize_table = _reference_module().quantize_table
+    return quantize_table(table)
 
 
 def load_fused() -> Tuple[Callable[..., torch.Tensor], str, Optional[Dict[str, Any]], bool]:
@@ -56,12 +79,10 @@ def load_fused() -> Tuple[Callable[..., torch.Tensor], str, Optional[Dict[str, A
             info = {"error": f"{type(exc).__name__}: {exc}"}
         return fn, "cascadexml_fast.shortlist_score", info, True
     except Exception as exc:
-        spec = importlib.util.spec_from_file_location("_cx_reference", REPO / "cascadexml_fast" / "ops" / "reference.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = _reference_module()
 
-        def ref(x, weight, bias, idx, *, sparse_grad=False, deterministic=False, validate=True):
-            return mod.shortlist_score(x, weight, bias, idx)
+        def ref(x, weight, bias, idx, *, sparse_grad=False, deterministic=False, validate=True, weight_scale=None):
+            return mod.shortlist_score(x, weight, bias, idx, weight_scale)
 
         return ref, f"reference.py (import cascadexml_fast failed: {type(exc).__name__}: {exc})", None, False
 
@@ -91,7 +112,8 @@ def plan(device: str, preset: str) -> List[Case]:
     fwd, dn, sp = ("fwd",), ("fwdbwd-dense", "fwdbwd-sparse"), ("fwd", "fwdbwd-dense", "fwdbwd-sparse")
     cases: List[Case] = []
     if preset == "tiny":  # seconds: for the test that keeps this script from rotting
-        return [Case(4096, 2, 4, 16, 64, "fp32", sp), Case(4096, 3, 4, 16, 64, "bf16", sp)]
+        return [Case(4096, 2, 4, 16, 64, "fp32", sp), Case(4096, 3, 4, 16, 64, "bf16", sp),
+                Case(4096, 2, 4, 16, 64, INT8, fwd)]
     if device == "cuda":
         if preset == "quick":
             return [Case(670091, b, 16, cs, D, "bf16", fwd) for b in (1, 32, 256)] + [
@@ -110,6 +132,7 @@ def plan(device: str, preset: str) -> List[Case]:
     for dt in ("fp32", "bf16"):
         cases += [Case(670091, b, 16, cs, D, dt, fwd) for b in (1, 32, 256)]
         cases += [Case(670091, 32, 16, cs, D, dt, dn)]
+    cases += [Case(670091, b, 16, cs, D, INT8, fwd) for b in (1, 32, 256)]
     return cases
 
 
@@ -145,16 +168,17 @@ def unique_rows(idx: torch.Tensor) -> int:
 
 
 def op_bytes(*, mode: str, L: int, B: int, K: int, D: int, U: int, s_w: int, s_b: int, s_x: int, s_idx: int,
-             s_out: int = 4, s_gout: int = 4) -> Dict[str, int]:
+             s_out: int = 4, s_gout: int = 4, s_scale: int = 0) -> Dict[str, int]:
     """Unavoidable bytes of the op (every needed input byte read once, every output byte written once).
 
-    fwd:            read U rows of W (U*D*s_w) and of bias (U*s_b), x (B*D*s_x), idx (B*K*s_idx); write s (B*K*4).
+    fwd:            read U rows of W (U*D*s_w), of bias (U*s_b) and, for int8 tables, of the per-row scales
+                    (U*s_scale, 4 bytes), x (B*D*s_x), idx (B*K*s_idx); write s (B*K*4).
     fwdbwd-dense:   fwd + read the upstream grad (B*K*4); write dx (B*D*s_x) and the dense dW, dbias (L*(D*s_w+s_b)).
     fwdbwd-sparse:  as dense, but dW, dbias are U rows plus their int64 ids: U*(D*s_w + s_b + 8).
     A single fused pass is assumed (W rows read once for forward and backward), so this is a lower bound.
     `no_dedup` replaces the U rows read by B*K rows (no reuse across documents).
     """
-    rows_read = lambda r: r * (D * s_w + s_b)  # noqa: E731
+    rows_read = lambda r: r * (D * s_w + s_b + s_scale)  # noqa: E731
     common = B * D * s_x + B * K * s_idx + B * K * s_out
     if mode == "fwd":
         extra = 0
@@ -211,7 +235,7 @@ def measure(fn: Callable[[], Any], setup: Callable[[], Any], device: torch.devic
 
 def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, seed: int = 0, validate: bool = False,
         bandwidth: float, peaks: Dict[str, float], fused: Callable[..., torch.Tensor], fused_is_package: bool,
-        log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+        log: Callable[[str], None] = print, keep_methods: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     fused_name = "fused" if fused_is_package else "reference"
     table_cache: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -226,9 +250,15 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             t0 = time.perf_counter()
             table_cache[(L, D)] = make_table(L, D, device, seed)
             log(f"# table L={L} D={D} built in {time.perf_counter() - t0:.1f} s")
-        W = table_cache[(L, D)].detach().to(dtype).requires_grad_(True)  # a fresh leaf per dtype
-        bias = (torch.randn(L, device=device) * 0.02).to(dtype).requires_grad_(True)
+        scale = None
+        if dname == INT8:  # inference only: int8 rows + fp32 scales, fp32 bias and features, nothing requires grad
+            W, scale = quantize(table_cache[(L, D)])
+            bias = torch.randn(L, device=device) * 0.02
+        else:
+            W = table_cache[(L, D)].detach().to(dtype).requires_grad_(True)  # a fresh leaf per dtype
+            bias = (torch.randn(L, device=device) * 0.02).to(dtype).requires_grad_(True)
         s_w = W.element_size()
+        x_dtype = torch.float32 if dname == INT8 else dtype
         dense_cache: Dict[Tuple[int, str], Dict[str, Any]] = {}  # dense does not depend on K: time once per (B, mode)
 
         for c in group:
@@ -236,9 +266,9 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             idx = make_shortlist(L, B, c.clusters, c.cluster_size, seed + 1000 * B + K).to(device)
             U = unique_rows(idx)
             g = torch.Generator().manual_seed(seed + 7)
-            x = (torch.randn(B, D, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
+            x = (torch.randn(B, D, generator=g)).to(device=device, dtype=x_dtype).requires_grad_(dname != INT8)
             gout = torch.randn(B, K, generator=g).to(device)
-            gout_w = gout.to(dtype)
+            gout_w = gout.to(x_dtype)
             gdense = None
             base = dict(device=device.type, dtype=dname, idx_dtype=str(idx.dtype).replace("torch.", ""), L=L, B=B,
                         K=K, D=D, clusters=c.clusters, cluster_size=c.cluster_size, U=U)
@@ -251,8 +281,10 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             for mode in c.modes:
                 if mode == "fwdbwd-sparse" and not fused_is_package:
                     continue  # the reference fallback has no row-sparse gradient
+                if dname == INT8 and mode != "fwd":
+                    continue  # int8 tables are inference-only
                 nb = op_bytes(mode=mode, L=L, B=B, K=K, D=D, U=U, s_w=s_w, s_b=bias.element_size(),
-                              s_x=x.element_size(), s_idx=idx.element_size())
+                              s_x=x.element_size(), s_idx=idx.element_size(), s_scale=0 if scale is None else 4)
                 flops = op_flops(mode, B, K, D)
                 roof = harness.roofline(nb["bytes"], flops, bandwidth, peaks[dname])
                 roof_nd = harness.roofline(nb["bytes_no_dedup"], flops, bandwidth, peaks[dname])
@@ -264,6 +296,10 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                 outs: Dict[str, torch.Tensor] = {}
 
                 methods = [fused_name] if mode == "fwdbwd-sparse" else [fused_name, "gather_bmm", "dense"]
+                if dname == INT8:
+                    methods = [m for m in methods if m != "dense"]  # dense would dequantise the whole table
+                if keep_methods is not None:
+                    methods = [m for m in methods if m in keep_methods or m == fused_name]
                 for method in methods:
                     if method == "dense" and (B, mode) in dense_cache:
                         rec = dict(common, **{k: dense_cache[(B, mode)][k] for k in
@@ -280,7 +316,8 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                         mode_recs.append(rec)
                         log(f"  {method:10s} {mode:13s} {dname} L={L} B={B} K={K}: {rec['note']}")
                         continue
-                    fn = make_fn(method, mode, fused, x, W, bias, idx, gout, gout_w, validate, lambda: gdense)
+                    fn = make_fn(method, mode, fused, x, W, bias, idx, gout, gout_w, validate, lambda: gdense,
+                                 scale=scale)
                     if method == "dense" and mode != "fwd" and gdense is None:
                         gdense = torch.randn(B, L, device=device, dtype=dtype)
                     try:
@@ -330,15 +367,21 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
     return records
 
 
-def make_fn(method, mode, fused, x, W, bias, idx, gout, gout_w, validate, get_gdense) -> Callable[[], Any]:
+def make_fn(method, mode, fused, x, W, bias, idx, gout, gout_w, validate, get_gdense, scale=None) -> Callable[[], Any]:
     """The timed callable. Forward modes run under no_grad; fwd+bwd modes call backward with a random upstream grad
-    (fp32 [B, K] for the fused op, storage dtype for gather_bmm, storage-dtype [B, L] for dense)."""
+    (fp32 [B, K] for the fused op, storage dtype for gather_bmm, storage-dtype [B, L] for dense). An int8 table
+    (`scale` given) goes to the fused op as weight_scale; gather_bmm dequantises the gathered rows."""
     sparse = mode == "fwdbwd-sparse"
 
     def fused_call():
+        if scale is not None:
+            return fused(x, W, bias, idx, sparse_grad=sparse, validate=validate, weight_scale=scale)
         return fused(x, W, bias, idx, sparse_grad=sparse, validate=validate)
 
     def gather_call():
+        if scale is not None:
+            rows = W[idx].float() * scale[idx].unsqueeze(-1)
+            return torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1) + bias[idx]
         return torch.bmm(W[idx], x.unsqueeze(-1)).squeeze(-1) + bias[idx]
 
     def dense_call():
@@ -361,9 +404,16 @@ def make_fn(method, mode, fused, x, W, bias, idx, gout, gout_w, validate, get_gd
 
 def fill_ratios(records: List[Dict[str, Any]]) -> None:
     """x_vs_gather / x_vs_dense: baseline ms / this ms, baselines measured in the same run (for the sparse mode the
-    baselines are their dense-gradient fwd+bwd: what the originals run); mem_vs_gather: extra MB / gather_bmm's."""
+    baselines are their dense-gradient fwd+bwd: what the originals run); mem_vs_gather: extra MB / gather_bmm's;
+    x_vs_fp32 (fused rows): the fused op's ms on the fp32 table of the same shape and mode / this ms."""
     def key(r, mode):
         return (r["dtype"], r["L"], r["B"], r["K"], r["D"], mode)
+
+    fp32_fused = {(r["L"], r["B"], r["K"], r["D"], r["mode"]): r["ms"] for r in records
+                  if r["method"] == "fused" and r["dtype"] == "fp32" and r.get("ms")}
+    for r in records:
+        f = fp32_fused.get((r["L"], r["B"], r["K"], r["D"], r["mode"]))
+        r["x_vs_fp32"] = f / r["ms"] if (f and r.get("ms") and r["method"] == "fused") else None
 
     base: Dict[Tuple, Dict[str, Any]] = {}
     for r in records:
@@ -396,7 +446,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--max-time", type=float, default=None,
                    help="seconds per measurement; slow calls get fewer reps, never below --min-reps")
     p.add_argument("--min-reps", type=int, default=None, help="floor on reps for slow calls (default 20 GPU, 3 CPU)")
-    p.add_argument("--dtypes", default=None, help="comma list to keep, e.g. bf16 or fp32,bf16")
+    p.add_argument("--dtypes", default=None, help="comma list to keep, e.g. bf16 or fp32,bf16,int8")
+    p.add_argument("--modes", default=None, help=f"comma list of {', '.join(MODES)} to keep")
+    p.add_argument("--methods", default=None,
+                   help="comma list of baselines to time besides the op (gather_bmm, dense); default: all")
+    p.add_argument("--tag", default=None,
+                   help="results go to <name>_<tag>_<device>.* (a partial run never overwrites the full one)")
     p.add_argument("--validate", action="store_true", help="call the op with validate=True (default False: hot loop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -426,6 +481,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.dtypes:
         keep = set(args.dtypes.split(","))
         cases = [c for c in cases if c.dtype in keep]
+    if args.modes:
+        keep_modes = set(args.modes.split(","))
+        cases = [Case(c.L, c.B, c.clusters, c.cluster_size, c.D, c.dtype, tuple(m for m in c.modes if m in keep_modes))
+                 for c in cases]
+        cases = [c for c in cases if c.modes]
+    keep_methods = args.methods.split(",") if args.methods else None
 
     fused, fused_desc, cx_info, is_pkg = load_fused()
     dinfo = harness.device_info(device)
@@ -433,14 +494,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"{dinfo['torch_threads']} threads; op: {fused_desc}")
     tiny = preset == "tiny"
     bw = harness.copy_bandwidth(device, nbytes=(16 << 20) if tiny else None)
-    peaks = {d: harness.matmul_peak(device, DTYPES[d], n=256 if tiny else None)
+    # int8 tables are widened to fp32 and multiplied in fp32: their compute ceiling is the fp32 matmul peak
+    peaks = {d: harness.matmul_peak(device, torch.float32 if d == INT8 else DTYPES[d], n=256 if tiny else None)
              for d in sorted({c.dtype for c in cases})}
     print(f"# copy bandwidth {bw / 1e9:.1f} GB/s; matmul peak " +
           ", ".join(f"{d} {p / 1e9:.4g} GFLOP/s" for d, p in peaks.items()))
     print(f"# timing: {timing}")
 
     records = run(cases, device, timing, seed=args.seed, validate=args.validate, bandwidth=bw, peaks=peaks,
-                  fused=fused, fused_is_package=is_pkg)
+                  fused=fused, fused_is_package=is_pkg, keep_methods=keep_methods)
     fill_ratios(records)
     elapsed = time.perf_counter() - t_start
     meta = dict(
@@ -471,7 +533,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for r in records:
             r["shape"] = f"L={r['L'] // 1000}k B={r['B']} K={r['K']}"
         paths = harness.write_results(
-            NAME if preset == "full" else f"{NAME}_{preset}", records, meta, args.out, columns=COLUMNS, headers=HEADERS,
+            (NAME if preset == "full" else f"{NAME}_{preset}") + (f"_{args.tag}" if args.tag else ""), records, meta,
+            args.out, columns=COLUMNS, headers=HEADERS,
             plot=dict(x="shape", y="ms", series="method", panels=("mode", "dtype")),
             notes="ms = median; %roof = roofline ms / ms; x gather / x dense = baseline ms / ms (same run); "
                   "extra MB = peak extra memory of one call; see benchmarks/README.md.")

@@ -10,6 +10,7 @@ from .ops.optim import sparse_adamw_step, sparse_rowwise_adagrad_step  # noqa: E
 from .ops.search import block_score, cascade_search, topk  # noqa: E402
 from .ops.shortlist_bce import shortlist_bce  # noqa: E402
 from .ops.shortlist_score import shortlist_score  # noqa: E402
+from .quantize import quantize, quantize_table  # noqa: E402
 from .tree import LabelTree  # noqa: E402
 from .optim import SparseAdamW, SparseRowwiseAdagrad  # noqa: E402
 
@@ -45,6 +46,8 @@ __all__ = [
     "metrics",
     "models",
     "ops",
+    "quantize",
+    "quantize_table",
     "shortlist_bce",
     "shortlist_score",
     "sparse_adamw_step",

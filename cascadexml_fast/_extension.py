@@ -13,8 +13,8 @@ DISABLE_ENV = "CASCADEXML_FAST_DISABLE_EXT"
 
 # Reference implementations, keyed by op name, with the schema's extra arguments dropped.
 FALLBACKS = {
-    "shortlist_score": lambda x, w, b, idx, sparse_grad=False, deterministic=False: reference.shortlist_score(
-        x, w, b, idx
+    "shortlist_score": lambda x, w, b, idx, sparse_grad=False, deterministic=False, weight_scale=None: (
+        reference.shortlist_score(x, w, b, idx, weight_scale)
     ),
     "shortlist_score_grad_input": reference.shortlist_score_grad_input,
     "shortlist_score_grad_weight": lambda g, x, idx, n, deterministic=False, dtype=None: (
@@ -23,8 +23,8 @@ FALLBACKS = {
     "shortlist_score_grad_weight_rows": reference.shortlist_score_grad_weight_rows,
     "topk": reference.topk,
     "block_score": reference.block_score,
-    "cascade_search": lambda f, w, b, o, beams, widths, k, combine="leaf": reference.cascade_search(
-        f, w, b, o, beams, k, combine, widths
+    "cascade_search": lambda f, w, b, o, beams, widths, k, combine="leaf", weight_scales=None: (
+        reference.cascade_search(f, w, b, o, beams, k, combine, widths, weight_scales)
     ),
     "sparse_adamw_step": reference.sparse_adamw_step_sr,
     "sparse_rowwise_adagrad_step": reference.sparse_rowwise_adagrad_step,

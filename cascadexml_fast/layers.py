@@ -27,6 +27,9 @@ class ShortlistedLinear(nn.Module):
             (use ``torch.optim.SparseAdam`` or the package's fused sparse optimizers).
         deterministic: bit-identical gradients run to run on every device.
         validate: check inputs and id ranges on every call (off for trusted hot loops).
+
+    ``cascadexml_fast.quantize(layer)`` converts the table to int8 with per-row fp32 scales (``weight_scale``) for
+    inference; the layer then refuses to train its table (gradients still reach ``x``).
     """
 
     def __init__(
@@ -52,7 +55,21 @@ class ShortlistedLinear(nn.Module):
         self.validate = validate
         self.weight = nn.Parameter(torch.empty(num_labels, dim, **factory))
         self.bias = nn.Parameter(torch.empty(num_labels, **factory)) if bias else None
+        self.quantized = False
+        self.register_buffer("weight_scale", None)  # per-row fp32 scales once quantised (int8 weight)
         self.reset_parameters()
+
+    @torch.no_grad()
+    def _quantize_(self) -> None:
+        """In place: int8 table + per-row fp32 scales, fp32 bias, nothing trainable (see cascadexml_fast.quantize)."""
+        from .quantize import quantize_table
+
+        q, scale = quantize_table(self.weight)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = scale
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+        self.quantized = True
 
     def reset_parameters(self) -> None:
         # nn.Linear's default: kaiming_uniform_(a=sqrt(5)) on the weight is U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
@@ -71,11 +88,12 @@ class ShortlistedLinear(nn.Module):
             sparse_grad=self.sparse_grad,
             deterministic=self.deterministic,
             validate=self.validate,
+            weight_scale=self.weight_scale,
         )
 
     def full(self, x: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
-        """Dense fp32 scores of every label, [B, num_labels]; low-precision tables are upcast a chunk of
-        `chunk_rows` rows at a time so that no fp32 copy of the whole table is made."""
+        """Dense fp32 scores of every label, [B, num_labels]; low-precision (and int8) tables are upcast
+        (dequantised) a chunk of `chunk_rows` rows at a time so that no fp32 copy of the whole table is made."""
         xf = x.float()
         if self.weight.dtype == torch.float32:
             bias = None if self.bias is None else self.bias.float()
@@ -84,13 +102,16 @@ class ShortlistedLinear(nn.Module):
         for start in range(0, self.num_labels, chunk_rows):
             rows = slice(start, start + chunk_rows)
             bias = None if self.bias is None else self.bias[rows].float()
-            parts.append(nn.functional.linear(xf, self.weight[rows].float(), bias))
+            w = self.weight[rows].float()
+            if self.weight_scale is not None:
+                w = reference.dequantize_table(self.weight[rows], self.weight_scale[rows])
+            parts.append(nn.functional.linear(xf, w, bias))
         return torch.cat(parts, dim=1) if parts else xf.new_zeros((x.shape[0], 0))
 
     def extra_repr(self) -> str:
         return (
             f"num_labels={self.num_labels}, dim={self.dim}, bias={self.bias is not None}, "
-            f"sparse_grad={self.sparse_grad}, dtype={self.weight.dtype}"
+            f"sparse_grad={self.sparse_grad}, dtype={self.weight.dtype}" + (", quantized" if self.quantized else "")
         )
 
 
@@ -111,6 +132,9 @@ class CascadeHead(nn.Module):
         bias: per-node biases.
         sparse_grad: the tables' gradients from `loss` are row-sparse (use cx.SparseAdamW).
         dtype, device: of the tables.
+
+    ``cascadexml_fast.quantize(head)`` converts every level's table to int8 with per-row fp32 scales
+    (``weight_scales``) for inference: ``search`` and ``shortlists`` use them, ``loss`` refuses to run.
 
     Tables start as in CascadeXML: Xavier-uniform weights, zero biases.
     """
@@ -152,7 +176,30 @@ class CascadeHead(nn.Module):
         for level, o in enumerate(offsets):
             parent = torch.repeat_interleave(torch.arange(o.numel() - 1), o[1:] - o[:-1])
             self.register_buffer(f"parent_{level}", parent.to(device))
+        self.quantized = False
+        for level in range(levels):  # per-row fp32 scales of each level's int8 table, once quantised
+            self.register_buffer(f"weight_scale_{level}", None)
         self.reset_parameters()
+
+    @property
+    def weight_scales(self):
+        """Per level, the [N_l] fp32 scales of the int8 table (after `cascadexml_fast.quantize`), else None."""
+        if not self.quantized:
+            return None
+        return [getattr(self, f"weight_scale_{level}") for level in range(self.num_levels)]
+
+    @torch.no_grad()
+    def _quantize_(self) -> None:
+        """In place: int8 tables + per-row fp32 scales, fp32 biases, nothing trainable (cascadexml_fast.quantize)."""
+        from .quantize import quantize_table
+
+        for level in range(self.num_levels):
+            q, scale = quantize_table(self.weights[level])
+            self.weights[level] = nn.Parameter(q, requires_grad=False)
+            setattr(self, f"weight_scale_{level}", scale)
+            if self.biases is not None:
+                self.biases[level] = nn.Parameter(self.biases[level].detach().float(), requires_grad=False)
+        self.quantized = True
 
     @property
     def offsets(self):
@@ -191,6 +238,7 @@ class CascadeHead(nn.Module):
         tree_ids, scores = cascade_search(
             features, weights, biases, self.offsets, self.beams if beams is None else list(beams), k,
             self.combine if combine is None else combine, self.max_children, validate=validate,
+            weight_scales=self.weight_scales,
         )
         return self.to_label_ids(tree_ids), scores
 
@@ -203,7 +251,7 @@ class CascadeHead(nn.Module):
         trace = []
         beam_search_with_ops(
             features, weights, biases, self.offsets, self.beams if beams is None else list(beams), self.max_children,
-            0, self.combine, trace=trace,
+            0, self.combine, trace=trace, weight_scales=self.weight_scales,
         )
         return trace
 
@@ -234,6 +282,9 @@ class CascadeHead(nn.Module):
             positives: (offsets int64 [B + 1], label ids) CSR of each document's labels, in original label ids.
             return_shortlists: also return [(tree-order ids, detached logits)] of every level.
         """
+        if self.quantized:
+            raise RuntimeError("CascadeHead.loss: this head holds int8 tables (cascadexml_fast.quantize), which are "
+                               "inference-only; train the float head and quantise it afterwards")
         features, weights, biases = self._level_inputs(level_features)
         beams = self.beams if beams is None else list(beams)
         level_weights = [1.0] * self.num_levels if level_weights is None else list(level_weights)
@@ -259,4 +310,4 @@ class CascadeHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"level_sizes={self.level_sizes}, dims={self.dims}, beams={self.beams}, combine={self.combine!r}, "
-                f"dtype={self.weights[0].dtype}")
+                f"dtype={self.weights[0].dtype}" + (", quantized" if self.quantized else ""))

@@ -8,6 +8,7 @@
 #include "cpu/optim.h"
 #include "cpu/search.h"
 #include "cpu/shortlist_score.h"
+#include "cpu/vec.h"
 
 TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
   m.impl("shortlist_score", &cxf::shortlist_score_cpu);
@@ -49,8 +50,25 @@ PyObject* py_compiler(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* py_int8_dot_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cxf::int8_dot_isa()); }
+
+// Forces the int8 dot-product variant (tests cover every variant the CPU supports); "auto" restores the best.
+// Returns True when set, False when the CPU lacks it; ValueError for a name unknown to this build.
+PyObject* py_set_int8_dot_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8AndSize(arg, nullptr);  // in the limited API since 3.10
+  if (name == nullptr) return nullptr;
+  const int status = cxf::set_int8_dot_isa(name);
+  if (status < 0) {
+    PyErr_Format(PyExc_ValueError, "unknown int8 dot variant %s on this build (avx512, avx2, scalar, auto)", name);
+    return nullptr;
+  }
+  return PyBool_FromLong(status);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernel clones chosen at load time."},
+    {"int8_dot_isa", py_int8_dot_isa, METH_NOARGS, "The int8-table dot-product variant in use."},
+    {"_set_int8_dot_isa", py_set_int8_dot_isa, METH_O, "Force the int8 dot variant (tests): avx512, avx2, scalar, auto."},
     {"compiler", py_compiler, METH_NOARGS, "Compiler that built the extension."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -165,7 +165,7 @@ def test_bench_cascade_tiny(tmp_path):
         assert r["bytes"] <= r["bytes_no_dedup"]
         if r["method"] == "fused":
             assert r["check"] == "ok" and r["ids_equal"] == 1.0
-            assert r["x_vs_ref"] > 0 and r["x_vs_dense"] > 0
+            assert r["x_vs_ref"] > 0 and (r["dtype"] == "int8" or r["x_vs_dense"] > 0)  # int8: no dense baseline
             assert math.isclose(r["ms_per_doc"] * r["B"], r["ms"])
         if r["method"] == "reference":
             assert math.isclose(r["x_vs_ref"], 1.0)

@@ -261,17 +261,27 @@ out = []
 for st, bd in (("fp32", 128), ("bf16", 256)):
     for ids in ("i32", "i64"):
         ptx = compile_ptx(bk._block_gemv_kernel,
-            dict(x_ptr=st, w_ptr=st, bias_ptr=st, clusters_ptr=ids, offsets_ptr="i64", out_ptr="fp32", ids_ptr="i64"),
-            dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=4096 // bd, BLOCK_D=bd))
+            dict(x_ptr=st, w_ptr=st, bias_ptr=st, clusters_ptr=ids, offsets_ptr="i64", out_ptr="fp32", ids_ptr="i64",
+                 scale_ptr="fp32"),
+            dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=4096 // bd, BLOCK_D=bd, HAS_SCALE=False))
         out.append(("gemv", st, ids, "ld.global.v4" in ptx))
 grouped = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", sorted_ptr="i32", perm_ptr="i64", tiles_ptr="i64",
-               offsets_ptr="i64", out_ptr="fp32", ids_ptr="i64")
+               offsets_ptr="i64", out_ptr="fp32", ids_ptr="i64", scale_ptr="fp32")
 ptx = compile_ptx(bk._block_grouped_kernel, grouped,
-    dict(HAS_BIAS=True, EVEN_D=True, LOWP=True, BLOCK_B=32, BLOCK_M=16, BLOCK_D=64))
+    dict(HAS_BIAS=True, EVEN_D=True, LOWP=True, BLOCK_B=32, BLOCK_M=16, BLOCK_D=64, HAS_SCALE=False))
 out.append(("grouped-lowp", "mma.sync.aligned" in ptx and ".bf16.bf16.f32" in ptx and "cp.async.cg" in ptx))
 ptx = compile_ptx(bk._block_grouped_kernel, dict(grouped, x_ptr="fp32", w_ptr="bf16"),
-    dict(HAS_BIAS=False, EVEN_D=False, LOWP=False, BLOCK_B=16, BLOCK_M=16, BLOCK_D=64))
+    dict(HAS_BIAS=False, EVEN_D=False, LOWP=False, BLOCK_B=16, BLOCK_M=16, BLOCK_D=64, HAS_SCALE=False))
 out.append(("grouped-fp32", ".bf16.bf16" not in ptx))
+# int8 tables with per-row scales (inference), both paths
+ptx = compile_ptx(bk._block_gemv_kernel,
+    dict(x_ptr="fp32", w_ptr="i8", bias_ptr="fp32", clusters_ptr="i64", offsets_ptr="i64", out_ptr="fp32",
+         ids_ptr="i64", scale_ptr="fp32"),
+    dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=16, BLOCK_D=256, HAS_SCALE=True))
+out.append(("gemv", "int8", "i64", "ld.global.v4" in ptx))
+ptx = compile_ptx(bk._block_grouped_kernel, dict(grouped, x_ptr="fp32", w_ptr="i8", bias_ptr="fp32"),
+    dict(HAS_BIAS=True, EVEN_D=True, LOWP=False, BLOCK_B=16, BLOCK_M=16, BLOCK_D=64, HAS_SCALE=True))
+out.append(("grouped-int8", "ld.global" in ptx))
 print("RESULT", out)
 """
 
@@ -285,7 +295,7 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = ast.literal_eval(proc.stdout.split("RESULT", 1)[1].strip())
-    assert len(results) == 6
+    assert len(results) == 8
     assert all(ok for *_, ok in results), results
 
 

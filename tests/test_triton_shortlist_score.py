@@ -350,15 +350,15 @@ out = []
 for st, bd in (("fp32", 128), ("bf16", 256)):
     for ids in ("i32", "i64"):
         ptx = compile_ptx(tk._score_fwd_kernel,
-            dict(x_ptr=st, w_ptr=st, bias_ptr=st, idx_ptr=ids, out_ptr="fp32"),
-            dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=4096 // bd, BLOCK_D=bd))
+            dict(x_ptr=st, w_ptr=st, bias_ptr=st, idx_ptr=ids, out_ptr="fp32", scale_ptr="fp32"),
+            dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=4096 // bd, BLOCK_D=bd, HAS_SCALE=False))
         out.append(("fwd", st, ids, "ld.global.v4" in ptx))
     ptx = compile_ptx(tk._score_fwd_kernel,
-        dict(x_ptr=st, w_ptr=st, bias_ptr=st, idx_ptr="i64", out_ptr="fp32"),
-        dict(HAS_BIAS=False, EVEN_D=False, BLOCK_K=8, BLOCK_D=bd), num_warps=2)
+        dict(x_ptr=st, w_ptr=st, bias_ptr=st, idx_ptr="i64", out_ptr="fp32", scale_ptr="fp32"),
+        dict(HAS_BIAS=False, EVEN_D=False, BLOCK_K=8, BLOCK_D=bd, HAS_SCALE=False), num_warps=2)
     ptx = compile_ptx(tk._score_grad_input_kernel,
-        dict(grad_ptr="fp32", w_ptr=st, idx_ptr="i32", out_ptr="fp32"),
-        dict(EVEN_D=True, BLOCK_K=16, BLOCK_D=bd))
+        dict(grad_ptr="fp32", w_ptr=st, idx_ptr="i32", out_ptr="fp32", scale_ptr="fp32"),
+        dict(EVEN_D=True, BLOCK_K=16, BLOCK_D=bd, HAS_SCALE=False))
     out.append(("grad_input", st, "i32", "ld.global.v4" in ptx))
     ptx = compile_ptx(tk._score_grad_weight_atomic_kernel,
         dict(grad_ptr="fp32", x_ptr=st, idx_ptr="i64", dw_ptr="fp32", db_ptr="fp32"),
@@ -370,6 +370,15 @@ for st, bd in (("fp32", 128), ("bf16", 256)):
                  seg_row_ptr="i64", dw_ptr="fp32", db_ptr="fp32"),
             dict(DENSE=dense, EVEN_D=True, BLOCK_E=8, BLOCK_D=256))
         out.append(("segment", st, dense, "ld.global.v4" in ptx))
+# int8 tables with per-row scales (inference): 16-byte vector loads of the int8 rows
+ptx = compile_ptx(tk._score_fwd_kernel,
+    dict(x_ptr="fp32", w_ptr="i8", bias_ptr="fp32", idx_ptr="i64", out_ptr="fp32", scale_ptr="fp32"),
+    dict(HAS_BIAS=True, EVEN_D=True, BLOCK_K=16, BLOCK_D=256, HAS_SCALE=True))
+out.append(("fwd", "int8", "i64", "ld.global.v4" in ptx))
+ptx = compile_ptx(tk._score_grad_input_kernel,
+    dict(grad_ptr="fp32", w_ptr="i8", idx_ptr="i32", out_ptr="fp32", scale_ptr="fp32"),
+    dict(EVEN_D=True, BLOCK_K=16, BLOCK_D=256, HAS_SCALE=True))
+out.append(("grad_input", "int8", "i32", "ld.global" in ptx))
 print("RESULT", out)
 """
 
@@ -383,7 +392,7 @@ def test_kernels_compile_for_sm90_with_vector_loads():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = ast.literal_eval(proc.stdout.split("RESULT", 1)[1].strip())
-    assert len(results) == 12
+    assert len(results) == 14
     assert all(ok for *_, ok in results), results
 
 

@@ -167,6 +167,19 @@ class LightXML(XMCModel):
         self.register_buffer("cluster_offsets", tree.offsets[0].clone())
         self.register_buffer("perm", tree.perm.clone())
         self.register_buffer("inverse_perm", tree.inv_perm.clone())
+        self.quantized = False  # cascadexml_fast.quantize: int8 label embedding + label_embedding_scale
+        self.register_buffer("label_embedding_scale", None)
+
+    @torch.no_grad()
+    def _quantize_(self) -> None:
+        """For inference (cascadexml_fast.quantize): the label embedding becomes int8 rows + per-row fp32 scales;
+        the cluster classifier (small) stays float. Training is refused afterwards."""
+        from ..quantize import quantize_table
+
+        q, scale = quantize_table(self.label_embedding)
+        self.label_embedding = nn.Parameter(q, requires_grad=False)
+        self.label_embedding_scale = scale
+        self.quantized = True
 
     @property
     def feature_layers(self) -> Tuple[int, ...]:
@@ -189,6 +202,9 @@ class LightXML(XMCModel):
         """BCE (mean over valid entries) of the ranker over the shortlist + BCE (mean) of the meta-classifier over
         all clusters; fp32 scalar."""
         self._check_features(features)
+        if self.quantized:
+            raise RuntimeError("LightXML.loss: the label embedding is an int8 table (cascadexml_fast.quantize), "
+                               "which is inference-only; train the float model and quantise it afterwards")
         pos_offsets, pos_ids = self.tree_positives(positives, features.device)
         if pos_offsets.numel() != features.shape[0] + 1:
             raise ValueError(f"positives offsets have {pos_offsets.numel()} entries for a batch of "
@@ -212,7 +228,7 @@ class LightXML(XMCModel):
         tree_ids, scores = cascade_search(
             [e, self.bottleneck(e)], [self.cluster_classifier.weight, self.label_embedding],
             [self.cluster_classifier.bias, None], [self.cluster_offsets], [self.top_clusters], k, "leaf_x_parent",
-            [self.max_children],
+            [self.max_children], weight_scales=None if not self.quantized else [None, self.label_embedding_scale],
         )
         label_ids = torch.where(tree_ids >= 0, self.perm[tree_ids.clamp(min=0)], tree_ids)
         return label_ids, scores

@@ -9,6 +9,13 @@ so that a compiled graph carries them.
 Schema history: `sparse_adamw_step` gained `bool stochastic_rounding=False, int seed=0` (trailing, defaulted, so
 older callers are unaffected): with a bf16 / fp16 table the fp32 result is rounded stochastically with a
 counter-based hash of (seed, step, row, column), identical on every backend (ops/reference.py, stochastic_round).
+
+int8 label tables (inference): `shortlist_score`, `shortlist_score_grad_input` and `block_score` gained a trailing
+`Tensor? weight_scale=None`, and `cascade_search` a trailing `Tensor?[]? weight_scales=None` (one entry per level,
+None for a float table). With a scale, `weight` is an int8 table [N, D] standing for the fp32 rows
+`weight[r].float() * weight_scale[r]` (row-wise symmetric quantisation, no zero point; weight_scale fp32 [N]);
+without one, `weight` is a float table exactly as before. Trailing and defaulted, so older callers are unaffected.
+The scale has no gradient (int8 tables are inference-only; dx flows through the dequantised rows).
 """
 import torch
 
@@ -17,9 +24,11 @@ NAMESPACE = "cascadexml_fast"
 SCHEMAS = {
     "shortlist_score": (
         "shortlist_score(Tensor x, Tensor weight, Tensor? bias, Tensor idx, bool sparse_grad=False, "
-        "bool deterministic=False) -> Tensor"
+        "bool deterministic=False, Tensor? weight_scale=None) -> Tensor"
     ),
-    "shortlist_score_grad_input": "shortlist_score_grad_input(Tensor grad, Tensor weight, Tensor idx) -> Tensor",
+    "shortlist_score_grad_input": (
+        "shortlist_score_grad_input(Tensor grad, Tensor weight, Tensor idx, Tensor? weight_scale=None) -> Tensor"
+    ),
     "shortlist_score_grad_weight": (
         "shortlist_score_grad_weight(Tensor grad, Tensor x, Tensor idx, SymInt num_rows, "
         "bool deterministic=False, ScalarType? dtype=None) -> (Tensor, Tensor)"
@@ -30,12 +39,12 @@ SCHEMAS = {
     ),
     "topk": "topk(Tensor scores, int k, Tensor? mask=None) -> (Tensor, Tensor)",
     "block_score": (
-        "block_score(Tensor x, Tensor weight, Tensor? bias, Tensor clusters, Tensor offsets, int max_children) "
-        "-> (Tensor, Tensor)"
+        "block_score(Tensor x, Tensor weight, Tensor? bias, Tensor clusters, Tensor offsets, int max_children, "
+        "Tensor? weight_scale=None) -> (Tensor, Tensor)"
     ),
     "cascade_search": (
         "cascade_search(Tensor[] features, Tensor[] weights, Tensor?[] biases, Tensor[] offsets, int[] beams, "
-        "int[] max_children, int k, str combine=\"leaf\") -> (Tensor, Tensor)"
+        "int[] max_children, int k, str combine=\"leaf\", Tensor?[]? weight_scales=None) -> (Tensor, Tensor)"
     ),
     "sparse_adamw_step": (
         "sparse_adamw_step(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "

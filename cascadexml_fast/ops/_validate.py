@@ -36,21 +36,51 @@ def check_ids_in_range(name: str, idx: torch.Tensor, num_rows: int) -> None:
         raise ValueError(f"{name}[{where}] = {value} is out of range [-1, {num_rows}) (-1 is the pad id)")
 
 
+def check_weight_scale(weight: torch.Tensor, weight_scale: Optional[torch.Tensor], *, int8_ok: bool = True,
+                       weight_name: str = "weight", scale_name: str = "weight_scale") -> None:
+    """An int8 table needs its per-row fp32 scale [N] on the table's device; a float table takes no scale."""
+    if weight.dtype == torch.int8:
+        if not int8_ok:
+            raise TypeError(f"{weight_name} is an int8 table: int8 tables are inference-only (no training ops); "
+                            "train the float table and quantise it afterwards (cascadexml_fast.quantize)")
+        if weight_scale is None:
+            raise TypeError(f"{weight_name} is int8 but {scale_name} is missing: an int8 table needs its per-row "
+                            f"fp32 scales [N] (cascadexml_fast.quantize_table(W) returns both)")
+    elif weight_scale is not None:
+        raise TypeError(f"{scale_name} is given but {weight_name} is "
+                        f"{str(weight.dtype).replace('torch.', '')}: a scale goes only with an int8 table")
+    if weight_scale is None:
+        return
+    check_tensor(scale_name, weight_scale, dim=1, dtypes=(torch.float32,))
+    if weight_scale.shape[0] != weight.shape[0]:
+        raise ValueError(f"{scale_name} has {weight_scale.shape[0]} entries but {weight_name} has "
+                         f"N = {weight.shape[0]} rows")
+    if weight_scale.device != weight.device:
+        raise ValueError(f"{scale_name} is on {weight_scale.device} but {weight_name} is on {weight.device}; "
+                         "put them on one device")
+    if weight_scale.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{scale_name} requires grad, but int8 tables are inference-only: no gradient flows to "
+                           "the table or its scales (detach it, or train the float table)")
+
+
 def check_shortlist_inputs(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+    weight_scale: Optional[torch.Tensor] = None, *, int8_ok: bool = True, weight_name: str = "weight",
+    scale_name: str = "weight_scale",
 ) -> None:
     check_tensor("x", x, dim=2, dtypes=FLOAT_STORAGE)
-    check_tensor("weight", weight, dim=2, dtypes=FLOAT_STORAGE)
+    check_tensor(weight_name, weight, dim=2, dtypes=FLOAT_STORAGE + (torch.int8,))
+    check_weight_scale(weight, weight_scale, int8_ok=int8_ok, weight_name=weight_name, scale_name=scale_name)
     check_tensor("idx", idx, dim=2, dtypes=ID_DTYPES)
     if bias is not None:
         check_tensor("bias", bias, dim=1, dtypes=FLOAT_STORAGE)
     if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x has D = {x.shape[1]} features but weight has D = {weight.shape[1]}")
+        raise ValueError(f"x has D = {x.shape[1]} features but {weight_name} has D = {weight.shape[1]}")
     if idx.shape[0] != x.shape[0]:
         raise ValueError(f"idx has B = {idx.shape[0]} rows but x has B = {x.shape[0]}")
     if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias has {bias.shape[0]} entries but weight has N = {weight.shape[0]} rows")
-    for name, tensor in (("weight", weight), ("idx", idx), ("bias", bias)):
+        raise ValueError(f"bias has {bias.shape[0]} entries but {weight_name} has N = {weight.shape[0]} rows")
+    for name, tensor in ((weight_name, weight), ("idx", idx), ("bias", bias), (scale_name, weight_scale)):
         if tensor is not None and tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; put them on one device")
     check_ids_in_range("idx", idx, weight.shape[0])

@@ -14,17 +14,49 @@ import torch
 PAD_ID = -1
 
 
+def dequantize_table(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float table an int8 table stands for: ``q.float() * scale[:, None]`` (row-wise symmetric scales; fp32
+    products, or `dtype` = float64 for gradcheck). Works on any slice of rows with the matching scales."""
+    return weight.to(dtype) * scale.to(dtype).unsqueeze(-1)
+
+
+def quantize_table(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise symmetric int8 quantisation: scale[r] = max_d |W[r, d]| / 127 (fp32), q = round(W / scale) (to
+    nearest, ties to even) in [-127, 127]; an all-zero row gets scale 0 and q = 0. So |q * scale - W| <= scale / 2
+    elementwise (up to fp32 rounding of the division). -128 is never used: the range stays symmetric."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1) / 127 if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+    q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _float_rows(weight: torch.Tensor, idx: torch.Tensor, acc: torch.dtype,
+                weight_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """weight[idx] (pads read row 0) in `acc`, dequantised when weight is an int8 table with per-row scales."""
+    rows = _gather(weight, idx).to(acc)  # [B, K, D], gathered in storage dtype, then upcast
+    if weight_scale is not None:
+        rows = rows * _gather(weight_scale, idx).to(acc).unsqueeze(-1)
+    return rows
+
+
+def _acc(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def shortlist_score(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """s[b, k] = <x[b], W[idx[b, k]]> + bias[idx[b, k]] in fp32; -inf where idx is the pad id -1.
 
     Differentiable with ordinary autograd (gather + bmm), which is also the originals' path. float64 inputs
-    are computed in float64 (for gradcheck); every other dtype is accumulated in fp32.
+    are computed in float64 (for gradcheck); every other dtype is accumulated in fp32. An int8 `weight` comes with
+    `weight_scale` [N] (fp32): its rows are dequantised, W[r] = weight[r].float() * weight_scale[r].
     """
-    acc = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    acc = _acc(x.dtype, weight.dtype)
     idx = idx.long()
-    rows = _gather(weight, idx).to(acc)  # [B, K, D], gathered in storage dtype, then upcast
+    rows = _float_rows(weight, idx, acc, weight_scale)
     scores = torch.bmm(rows, x.to(acc).unsqueeze(-1)).squeeze(-1)
     if bias is not None:
         scores = scores + _gather(bias, idx).to(acc)
@@ -38,12 +70,14 @@ def _gather(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table[idx.clamp(min=0)]
 
 
-def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """dx[b] = sum_k grad[b, k] * W[idx[b, k]] over non-pad k, fp32 [B, D]."""
-    acc = torch.float64 if torch.float64 in (grad.dtype, weight.dtype) else torch.float32
+def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                               weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dx[b] = sum_k grad[b, k] * W[idx[b, k]] over non-pad k, fp32 [B, D] (int8 rows dequantised with
+    weight_scale, as in shortlist_score)."""
+    acc = _acc(grad.dtype, weight.dtype)
     idx = idx.long()
     g = grad.to(acc).masked_fill(idx < 0, 0.0)
-    rows = _gather(weight, idx).to(acc)
+    rows = _float_rows(weight, idx, acc, weight_scale)
     return torch.bmm(g.unsqueeze(1), rows).squeeze(1)
 
 
@@ -134,11 +168,12 @@ def block_score(
     clusters: torch.Tensor,
     offsets: torch.Tensor,
     max_children: int,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores (fp32) and tree-order ids (int64) of every child of each cluster in clusters [B, C] (pad -1):
-    both [B, C * max_children]; padded slots hold -inf and -1."""
+    both [B, C * max_children]; padded slots hold -inf and -1. int8 tables come with weight_scale."""
     ids = block_ids(clusters, offsets, max_children)
-    return shortlist_score(x, weight, bias, ids), ids
+    return shortlist_score(x, weight, bias, ids, weight_scale), ids
 
 
 def cascade_search(
@@ -150,6 +185,7 @@ def cascade_search(
     k: int,
     combine: str = "leaf",
     max_children=None,
+    weight_scales=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Beam search down a label tree; returns tree-order ids of the last level [B, k] (int64) and scores (fp32).
 
@@ -158,26 +194,37 @@ def cascade_search(
     `combine`: "leaf" = sigmoid(logit), "leaf_x_parent" = sigmoid(logit) * sigmoid(parent logit) (CascadeXML's
     "weighted" scheme, LightXML's sigma(label) * sigma(cluster)). Missing slots: id -1, score -inf.
     `max_children[i]` (defaults to the largest block of offsets[i]) is the padded width of a block.
+    `weight_scales` (None, or one entry per level, None for a float table) holds the per-row fp32 scales of int8
+    tables.
     """
     if max_children is None:
         max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
     return beam_search(
         features, weights, biases, offsets, beams, max_children, k, combine,
-        score_fn=shortlist_score, block_score_fn=block_score, topk_fn=topk,
+        score_fn=shortlist_score, block_score_fn=block_score, topk_fn=topk, weight_scales=weight_scales,
     )
 
 
+def _with_scale(scale):
+    """Keyword arguments passing an int8 table's scale to score_fn / block_score_fn (none for a float table, so
+    score functions without a weight_scale argument still serve float tables)."""
+    return {} if scale is None else {"weight_scale": scale}
+
+
 def beam_search(features, weights, biases, offsets, beams, max_children, k, combine, *, score_fn, block_score_fn,
-                topk_fn, trace=None):
+                topk_fn, trace=None, weight_scales=None):
     """The cascade's algorithm, written once over three ops (so that device backends can run it on their own
     kernels without a host sync): score_fn(x, W, b, ids), block_score_fn(x, W, b, clusters, offsets, width) and
-    topk_fn(scores, k, mask). If `trace` is a list, (candidate ids, logits) of every level are appended to it."""
+    topk_fn(scores, k, mask). If `trace` is a list, (candidate ids, logits) of every level are appended to it.
+    Levels with an int8 table (weight_scales[level] not None) call the score functions with
+    `weight_scale=weight_scales[level]`."""
     if combine not in ("leaf", "leaf_x_parent"):
         raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+    scales = list(weight_scales) if weight_scales is not None else [None] * len(weights)
     x0 = features[0]
     B = x0.shape[0]
     ids = torch.arange(weights[0].shape[0], device=x0.device).expand(B, -1)
-    logits = score_fn(x0, weights[0], biases[0], ids)
+    logits = score_fn(x0, weights[0], biases[0], ids, **_with_scale(scales[0]))
     if trace is not None:
         trace.append((ids, logits))
     parent = None
@@ -185,7 +232,8 @@ def beam_search(features, weights, biases, offsets, beams, max_children, k, comb
         top, pos = topk_fn(logits, beams[level - 1], ids >= 0)
         nodes = ids_at(ids, pos)
         width = max_children[level - 1]
-        logits, ids = block_score_fn(features[level], weights[level], biases[level], nodes, offsets[level - 1], width)
+        logits, ids = block_score_fn(features[level], weights[level], biases[level], nodes, offsets[level - 1], width,
+                                     **_with_scale(scales[level]))
         if trace is not None:
             trace.append((ids, logits))
         parent = top.repeat_interleave(width, dim=1)

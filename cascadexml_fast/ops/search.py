@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _library, reference
-from ._validate import check_ids_in_range, check_shortlist_inputs, check_tensor
+from ._validate import check_ids_in_range, check_shortlist_inputs, check_tensor, check_weight_scale
 
 topk_op = _library.op("topk")
 block_score_op = _library.op("block_score")
@@ -42,23 +42,27 @@ def _topk_cuda(scores, k, mask=None):
     return (kernels or reference).topk(scores, k, mask)
 
 
-def _block_score_cuda(x, weight, bias, clusters, offsets, max_children):
+def _block_score_cuda(x, weight, bias, clusters, offsets, max_children, weight_scale=None):
     kernels = _triton_module("block_score")
     if kernels is None or torch.float64 in (x.dtype, weight.dtype):
-        return reference.block_score(x, weight, bias, clusters, offsets, max_children)
-    return kernels.block_score(x, weight, bias, clusters, offsets, max_children)
+        return reference.block_score(x, weight, bias, clusters, offsets, max_children, weight_scale)
+    return kernels.block_score(x, weight, bias, clusters, offsets, max_children, weight_scale=weight_scale)
 
 
-def beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine="leaf", trace=None):
+def beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine="leaf", trace=None,
+                         weight_scales=None):
     """The cascade algorithm run over the registered ops (device kernels, no host sync between levels)."""
     return reference.beam_search(
         features, weights, biases, offsets, beams, max_children, k, combine,
         score_fn=_library.op("shortlist_score"), block_score_fn=block_score_op, topk_fn=topk_op, trace=trace,
+        weight_scales=weight_scales,
     )
 
 
-def _cascade_search_cuda(features, weights, biases, offsets, beams, max_children, k, combine="leaf"):
-    return beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine)
+def _cascade_search_cuda(features, weights, biases, offsets, beams, max_children, k, combine="leaf",
+                         weight_scales=None):
+    return beam_search_with_ops(features, weights, biases, offsets, beams, max_children, k, combine,
+                                weight_scales=weight_scales)
 
 
 _library.LIBRARY.impl("topk", _topk_cuda, "CUDA")
@@ -77,14 +81,15 @@ def _topk_fake(scores, k, mask=None):
 
 
 @torch.library.register_fake(_QUALIFIED + "block_score")
-def _block_score_fake(x, weight, bias, clusters, offsets, max_children):
+def _block_score_fake(x, weight, bias, clusters, offsets, max_children, weight_scale=None):
     shape = (clusters.shape[0], clusters.shape[1] * max_children)
     dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
     return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=torch.int64)
 
 
 @torch.library.register_fake(_QUALIFIED + "cascade_search")
-def _cascade_search_fake(features, weights, biases, offsets, beams, max_children, k, combine="leaf"):
+def _cascade_search_fake(features, weights, biases, offsets, beams, max_children, k, combine="leaf",
+                         weight_scales=None):
     B = features[0].shape[0]
     return features[0].new_empty((B, k), dtype=torch.int64), features[0].new_empty((B, k), dtype=torch.float32)
 
@@ -140,13 +145,15 @@ def block_score(
     max_children: Optional[int] = None,
     *,
     validate: bool = True,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores and tree-order ids of whole children blocks: for clusters [B, C] (pad -1), the children of cluster c
     are rows [offsets[c], offsets[c+1]) of weight. Returns scores [B, C * max_children] fp32 and ids int64, padded
-    slots -inf and -1. `max_children` defaults to the largest block (computing it syncs with the device)."""
+    slots -inf and -1. `max_children` defaults to the largest block (computing it syncs with the device).
+    An int8 `weight` needs `weight_scale` [N] fp32 (row r stands for weight[r].float() * weight_scale[r])."""
     if validate and not torch.compiler.is_compiling():
         check_tensor("clusters", clusters, dim=2, dtypes=(torch.int32, torch.int64))
-        check_shortlist_inputs(x, weight, bias, clusters.new_zeros((x.shape[0], 0)))
+        check_shortlist_inputs(x, weight, bias, clusters.new_zeros((x.shape[0], 0)), weight_scale)
         if clusters.shape[0] != x.shape[0]:
             raise ValueError(f"clusters has B = {clusters.shape[0]} rows but x has B = {x.shape[0]}")
         largest = check_offsets("offsets", offsets, offsets.shape[0] - 1 if offsets.dim() == 1 else 0, weight.shape[0])
@@ -155,7 +162,7 @@ def block_score(
             raise ValueError(f"max_children = {max_children} but a cluster has {largest} children")
     if max_children is None:
         max_children = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
-    return block_score_op(x, weight, bias, clusters, offsets, max_children)
+    return block_score_op(x, weight, bias, clusters, offsets, max_children, weight_scale)
 
 
 def cascade_search(
@@ -169,6 +176,7 @@ def cascade_search(
     max_children: Optional[Sequence[int]] = None,
     *,
     validate: bool = True,
+    weight_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Beam search down a label tree in one op; returns tree-order ids [B, k] of the last level and their scores.
 
@@ -177,14 +185,16 @@ def cascade_search(
     The last level's candidates are ranked by `combine`: "leaf" = sigmoid(logit), "leaf_x_parent" =
     sigmoid(logit) * sigmoid(parent logit). Missing slots: id -1, score -inf. `max_children[i]` (the padded width
     of level i's blocks) defaults to the largest block of offsets[i], which costs a device sync to compute:
-    pass it (CascadeHead does) to keep the call sync-free.
+    pass it (CascadeHead does) to keep the call sync-free. `weight_scales` (None, or one entry per level: None
+    for a float table, the [N_l] fp32 per-row scales for an int8 table) lets int8 tables take part.
     """
     levels = len(weights)
     if validate and not torch.compiler.is_compiling():
         if levels < 1:
             raise ValueError("cascade_search needs at least one level")
         for name, seq, n in (("features", features, levels), ("biases", biases, levels), ("offsets", offsets, levels - 1),
-                             ("beams", beams, levels - 1)):
+                             ("beams", beams, levels - 1)) + ((("weight_scales", weight_scales, levels),)
+                                                              if weight_scales is not None else ()):
             if len(seq) != n:
                 raise ValueError(f"{name} must have {n} entries for {levels} levels, got {len(seq)}")
         if combine not in COMBINE_MODES:
@@ -194,8 +204,12 @@ def cascade_search(
         B = features[0].shape[0] if isinstance(features[0], torch.Tensor) else None
         for level in range(levels):
             x = features[level]
-            check_shortlist_inputs(x, weights[level], biases[level], torch.zeros(x.shape[0], 0, dtype=torch.long,
-                                                                                 device=x.device))
+            scale = weight_scales[level] if weight_scales is not None else None
+            if isinstance(weights[level], torch.Tensor):  # the level named first, then the usual checks
+                check_weight_scale(weights[level], scale, weight_name=f"weights[{level}]",
+                                   scale_name=f"weight_scales[{level}]")
+            check_shortlist_inputs(x, weights[level], biases[level],
+                                   torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), scale)
             if x.shape[0] != B:
                 raise ValueError(f"features[{level}] has B = {x.shape[0]} rows but features[0] has B = {B}")
         for level in range(levels - 1):
@@ -207,5 +221,6 @@ def cascade_search(
                 raise ValueError(f"beams[{level}] must be >= 0, got {beams[level]}")
     if max_children is None:
         max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
+    scales = None if weight_scales is None or all(s is None for s in weight_scales) else list(weight_scales)
     return cascade_search_op(list(features), list(weights), list(biases), list(offsets), list(beams),
-                             list(max_children), k, combine)
+                             list(max_children), k, combine, scales)

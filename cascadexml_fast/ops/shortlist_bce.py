@@ -111,7 +111,7 @@ def shortlist_bce(
     terms.
     """
     if validate and not torch.compiler.is_compiling():
-        check_shortlist_inputs(x, weight, bias, idx)
+        check_shortlist_inputs(x, weight, bias, idx, int8_ok=False)
         check_positives(pos_offsets, pos_ids, x.shape[0], weight.shape[0])
     loss, _, logits = shortlist_bce_op(x, weight, bias, idx, pos_offsets, pos_ids, float(level_weight), sparse_grad,
                                        deterministic)

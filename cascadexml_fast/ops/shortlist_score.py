@@ -47,18 +47,18 @@ def _deterministic(flag: bool) -> bool:
     return flag or torch.are_deterministic_algorithms_enabled()
 
 
-def _forward_cuda(x, weight, bias, idx, sparse_grad=False, deterministic=False):
+def _forward_cuda(x, weight, bias, idx, sparse_grad=False, deterministic=False, weight_scale=None):
     kernels = _cuda_kernels(x, weight, bias)
     if kernels is None:
-        return reference.shortlist_score(x, weight, bias, idx)
-    return kernels.shortlist_score(x, weight, bias, idx)
+        return reference.shortlist_score(x, weight, bias, idx, weight_scale)
+    return kernels.shortlist_score(x, weight, bias, idx, weight_scale)
 
 
-def _grad_input_cuda(grad, weight, idx):
+def _grad_input_cuda(grad, weight, idx, weight_scale=None):
     kernels = _cuda_kernels(grad, weight)
     if kernels is None:
-        return reference.shortlist_score_grad_input(grad, weight, idx)
-    return kernels.shortlist_score_grad_input(grad, weight, idx)
+        return reference.shortlist_score_grad_input(grad, weight, idx, weight_scale)
+    return kernels.shortlist_score_grad_input(grad, weight, idx, weight_scale)
 
 
 def _grad_weight_cuda(grad, x, idx, num_rows, deterministic=False, dtype=None):
@@ -93,12 +93,12 @@ def _acc_dtype(*tensors):
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score")
-def _forward_fake(x, weight, bias, idx, sparse_grad=False, deterministic=False):
+def _forward_fake(x, weight, bias, idx, sparse_grad=False, deterministic=False, weight_scale=None):
     return x.new_empty((idx.shape[0], idx.shape[1]), dtype=_acc_dtype(x, weight))
 
 
 @torch.library.register_fake(_QUALIFIED + "shortlist_score_grad_input")
-def _grad_input_fake(grad, weight, idx):
+def _grad_input_fake(grad, weight, idx, weight_scale=None):
     return grad.new_empty((idx.shape[0], weight.shape[1]), dtype=_acc_dtype(grad, weight))
 
 
@@ -124,8 +124,8 @@ def _grad_weight_rows_fake(grad, x, idx, dtype=None):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, idx, sparse_grad, deterministic = inputs
-    ctx.save_for_backward(x, weight, idx)
+    x, weight, bias, idx, sparse_grad, deterministic, weight_scale = inputs
+    ctx.save_for_backward(x, weight, idx, weight_scale)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.sparse_grad = sparse_grad
     ctx.deterministic = deterministic
@@ -139,21 +139,38 @@ def _coalesced(ids, values, size):
 
 
 def _backward(ctx, grad):
-    x, weight, idx = ctx.saved_tensors
+    x, weight, idx, weight_scale = ctx.saved_tensors
+    if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:
+        raise RuntimeError("shortlist_score: weight_scale requires grad, but int8 tables are inference-only: no "
+                           "gradient flows to an int8 table or its scales (only to x and bias)")
     dx, dw, db = backward_from_logit_grad(
-        grad, x, weight, idx, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.sparse_grad, ctx.deterministic
+        grad, x, weight, idx, ctx.needs_input_grad[:3], ctx.bias_dtype, ctx.sparse_grad, ctx.deterministic,
+        weight_scale,
     )
-    return dx, dw, db, None, None, None
+    return dx, dw, db, None, None, None, None
 
 
-def backward_from_logit_grad(grad, x, weight, idx, needs_input_grad, bias_dtype, sparse_grad, deterministic):
+def backward_from_logit_grad(grad, x, weight, idx, needs_input_grad, bias_dtype, sparse_grad, deterministic,
+                             weight_scale=None):
     """(dx, dweight, dbias) of anything computed from shortlisted logits, given d(output)/d(logits) [B, K].
-    Shared by every op whose logits are shortlist scores (shortlist_score, shortlist_bce)."""
+    Shared by every op whose logits are shortlist scores (shortlist_score, shortlist_bce). With an int8 table
+    (weight_scale given) dx uses the dequantised rows and there is no dweight (int8 tensors cannot require grad)."""
     need_x, need_w, need_b = needs_input_grad
     need_b = need_b and bias_dtype is not None
     dx = dw = db = None
     if need_x:
-        dx = grad_input_op(grad, weight, idx).to(x.dtype)
+        dx = grad_input_op(grad, weight, idx, weight_scale).to(x.dtype)
+    if weight_scale is not None:  # an int8 table: never dW; dbias from the row-sparse kernel on 0 feature columns
+        if need_w:
+            raise RuntimeError("shortlist_score: int8 tables are inference-only; no gradient for the table")
+        if need_b:
+            num_rows = weight.shape[0]
+            rows, _, b_rows = grad_weight_rows_op(grad, x[:, :0], idx)
+            if sparse_grad:
+                db = _coalesced(rows.unsqueeze(0), b_rows.to(bias_dtype), (num_rows,))
+            else:
+                db = b_rows.new_zeros(num_rows).index_put_((rows,), b_rows).to(bias_dtype)
+        return dx, dw, db
     if need_w or need_b:
         num_rows = weight.shape[0]
         if sparse_grad:
@@ -186,12 +203,14 @@ def shortlist_score(
     sparse_grad: bool = False,
     deterministic: bool = False,
     validate: bool = True,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Scores of shortlisted rows: ``s[b, k] = <x[b], weight[idx[b, k]]> + bias[idx[b, k]]``.
 
     Args:
         x: [B, D] features (fp32, bf16 or fp16; float64 for gradcheck).
-        weight: [N, D] table (fp32, bf16 or fp16; may differ from x; float64 for gradcheck).
+        weight: [N, D] table (fp32, bf16 or fp16; may differ from x; float64 for gradcheck), or an int8 table
+            (with ``weight_scale``; inference only: gradients reach x and bias, never the table).
         bias: [N] or None.
         idx: [B, K] int32 or int64 row ids; -1 is a pad (score -inf, no gradient). Duplicates are allowed.
         sparse_grad: the gradients of ``weight`` and ``bias`` are coalesced sparse COO tensors holding only the
@@ -200,11 +219,13 @@ def shortlist_score(
             sort + segment reduction). ``torch.use_deterministic_algorithms(True)`` has the same effect.
         validate: check shapes, dtypes, devices and id ranges with clear errors (a device sync on CUDA); switch
             off in a trusted hot loop. Skipped automatically while ``torch.compile`` traces.
+        weight_scale: [N] fp32 per-row scales of an int8 ``weight`` (``cascadexml_fast.quantize_table``): row r
+            stands for ``weight[r].float() * weight_scale[r]``. Required with an int8 table, an error otherwise.
 
     Returns:
         [B, K] fp32 scores. Accumulation is fp32 whatever the storage dtypes (float64 inputs, meant for
         gradcheck, compute and return float64).
     """
     if validate and not torch.compiler.is_compiling():
-        check_shortlist_inputs(x, weight, bias, idx)
-    return shortlist_score_op(x, weight, bias, idx, sparse_grad, deterministic)
+        check_shortlist_inputs(x, weight, bias, idx, weight_scale)
+    return shortlist_score_op(x, weight, bias, idx, sparse_grad, deterministic, weight_scale)

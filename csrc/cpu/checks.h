@@ -30,14 +30,35 @@ inline void check_ids_in_range(const at::Tensor& idx, int64_t num_rows) {
   });
 }
 
+inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// An int8 table (inference) comes with its per-row fp32 scales [N]; a float table takes none.
+inline void check_weight_scale(const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                               const char* weight_name = "weight", const char* scale_name = "weight_scale") {
+  if (weight.scalar_type() != at::kChar) {
+    TORCH_CHECK(!has_tensor(scale), scale_name, " is given but ", weight_name, " is ", weight.scalar_type(),
+                ": a scale goes only with an int8 table");
+    return;
+  }
+  TORCH_CHECK(has_tensor(scale), weight_name, " is int8 but ", scale_name,
+              " is missing: an int8 table needs its per-row fp32 scales [N]");
+  TORCH_CHECK(scale->dim() == 1 && scale->size(0) == weight.size(0), scale_name, " must have shape [",
+              weight.size(0), "], got ", scale->sizes());
+  TORCH_CHECK(scale->scalar_type() == at::kFloat, scale_name, " must be float32, got ", scale->scalar_type());
+  TORCH_CHECK(scale->device() == weight.device(), scale_name, " must be on the device of ", weight_name);
+}
+
 inline void check_shortlist_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                 const at::Tensor& idx) {
+                                 const at::Tensor& idx,
+                                 const c10::optional<at::Tensor>& weight_scale = c10::nullopt) {
   TORCH_CHECK(x.dim() == 2, "x must be 2-D [B, D], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D [N, D], got shape ", weight.sizes());
   check_ids(idx);
   TORCH_CHECK(is_float_storage(x.scalar_type()), "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
-  TORCH_CHECK(is_float_storage(weight.scalar_type()), "weight must be float32, bfloat16, float16 or float64, got ",
+  TORCH_CHECK(is_float_storage(weight.scalar_type()) || weight.scalar_type() == at::kChar,
+              "weight must be float32, bfloat16, float16, float64 or int8 (with weight_scale), got ",
               weight.scalar_type());
+  check_weight_scale(weight, weight_scale);
   TORCH_CHECK(x.size(1) == weight.size(1), "x has D = ", x.size(1), " but weight has D = ", weight.size(1));
   TORCH_CHECK(idx.size(0) == x.size(0), "idx has B = ", idx.size(0), " rows but x has B = ", x.size(0));
   TORCH_CHECK(x.device() == weight.device() && x.device() == idx.device(), "x, weight and idx must be on one device");

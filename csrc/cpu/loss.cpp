@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_bce_cpu(const at::Tenso
               pos_offsets.scalar_type());
   TORCH_CHECK(pos_ids.dim() == 1 && (pos_ids.scalar_type() == at::kLong || pos_ids.scalar_type() == at::kInt),
               "pos_ids must be a 1-D int32 or int64 tensor");
-  auto logits = shortlist_score_cpu(x, weight, bias, idx, false, false);
+  auto logits = shortlist_score_cpu(x, weight, bias, idx, false, false, c10::nullopt);
   const auto off = pos_offsets.contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0 && o[B] == pos_ids.size(0), "pos_offsets must start at 0 and end at len(pos_ids) = ",

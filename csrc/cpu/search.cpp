@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/checks.h"
@@ -44,20 +45,29 @@ at::Tensor block_ids(const at::Tensor& clusters, const at::Tensor& offsets, int6
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
-// scores[j] = <x, W[start + j]> (+ bias) for j < n: one contiguous block of rows.
+// <x, row> of table row r, times the row's scale for an int8 table (scale != nullptr), as shortlist_score.
 template <class L>
-CXF_MULTIVERSION void score_block(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
-                                  const float* bias, float* out) {
-  const typename L::T* row = W + start * D;
-  for (int64_t j = 0; j < n; ++j, row += D) out[j] = dot<L>(x, row, D) + (bias ? bias[start + j] : 0.f);
+inline float row_score(const float* x, const typename L::T* row, int64_t D, const float* scale, int64_t r) {
+  const float v = dot<L>(x, row, D);
+  return scale ? v * scale[r] : v;
 }
 
-using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, const float*, float*);
+// scores[j] = <x, W[start + j]> (* scale) (+ bias) for j < n: one contiguous block of rows.
+template <class L>
+CXF_MULTIVERSION void score_block(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
+                                  const float* bias, const float* scale, float* out) {
+  const typename L::T* row = W + start * D;
+  for (int64_t j = 0; j < n; ++j, row += D)
+    out[j] = row_score<L>(x, row, D, scale, start + j) + (bias ? bias[start + j] : 0.f);
+}
+
+using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, const float*, const float*,
+                             float*);
 
 template <class L>
 void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, const float* bias,
-                        float* out) {
-  score_block<L>(x, static_cast<const typename L::T*>(W), D, start, n, bias, out);
+                        const float* scale, float* out) {
+  score_block<L>(x, static_cast<const typename L::T*>(W), D, start, n, bias, scale, out);
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
@@ -65,26 +75,28 @@ void score_block_erased(const float* x, const void* W, int64_t D, int64_t start,
 template <class L>
 CXF_MULTIVERSION void score_block_docs(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
                                        int64_t m, const typename L::T* W, int64_t start, int64_t n,
-                                       const float* bias, float* out) {
+                                       const float* bias, const float* scale, float* out) {
   const typename L::T* row = W + start * D;
   for (int64_t j = 0; j < n; ++j, row += D) {
     const float b = bias ? bias[start + j] : 0.f;
-    for (int64_t i = 0; i < m; ++i) out[out_base[i] + j] = dot<L>(X + doc[i] * D, row, D) + b;
+    for (int64_t i = 0; i < m; ++i) out[out_base[i] + j] = row_score<L>(X + doc[i] * D, row, D, scale, start + j) + b;
   }
 }
 
 using GroupScorer = void (*)(const float*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
-                             int64_t, const float*, float*);
+                             int64_t, const float*, const float*, float*);
 
 template <class L>
 void score_block_docs_erased(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
-                             const void* W, int64_t start, int64_t n, const float* bias, float* out) {
-  score_block_docs<L>(X, D, doc, out_base, m, static_cast<const typename L::T*>(W), start, n, bias, out);
+                             const void* W, int64_t start, int64_t n, const float* bias, const float* scale,
+                             float* out) {
+  score_block_docs<L>(X, D, doc, out_base, m, static_cast<const typename L::T*>(W), start, n, bias, scale, out);
 }
 
-// One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype.
+// One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype (and the
+// per-row fp32 scales of an int8 table).
 struct Level {
-  at::Tensor x, W, bias, offsets;
+  at::Tensor x, W, bias, offsets, scale;
   BlockScorer scorer = nullptr;
   GroupScorer group_scorer = nullptr;
   int64_t D = 0;
@@ -104,8 +116,16 @@ void set_scorers(Level& level) {
       level.scorer = &score_block_erased<F16>;
       level.group_scorer = &score_block_docs_erased<F16>;
       break;
+    case at::kChar:
+      level.scorer = &score_block_erased<I8>;
+      level.group_scorer = &score_block_docs_erased<I8>;
+      break;
     default: TORCH_CHECK(false, "cascade_search: unsupported table dtype ", level.W.scalar_type());
   }
+}
+
+inline const float* level_scale(const Level& level) {
+  return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
 
 // Batches of at least this many documents run level by level with the blocks grouped across documents.
@@ -124,7 +144,8 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
-                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, scores.data() + b * K);
+                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, level_scale(lv[0]),
+                   scores.data() + b * K);
       for (int64_t i = 0; i < n0; ++i) ids[b * K + i] = i;
     }
   });
@@ -179,7 +200,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
         const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
         const int64_t start = off[node], size = off[node + 1] - start;
         lv[l].group_scorer(lv[l].x.data_ptr<float>(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
-                           lv[l].W.data_ptr(), start, size, bias, next_scores.data());
+                           lv[l].W.data_ptr(), start, size, bias, level_scale(lv[l]), next_scores.data());
         for (int64_t i = 0; i < m; ++i)
           for (int64_t t = 0; t < size; ++t) next_ids[pair_base[first + i] + t] = start + t;
       }
@@ -242,7 +263,8 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores, int64_t k,
 
 std::tuple<at::Tensor, at::Tensor> block_score_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                    const c10::optional<at::Tensor>& bias, const at::Tensor& clusters,
-                                                   const at::Tensor& offsets, int64_t max_children) {
+                                                   const at::Tensor& offsets, int64_t max_children,
+                                                   const c10::optional<at::Tensor>& weight_scale) {
   check_ids(clusters);
   check_offsets(offsets, "offsets");
   TORCH_CHECK(max_children >= 0, "max_children must be >= 0, got ", max_children);
@@ -252,14 +274,16 @@ std::tuple<at::Tensor, at::Tensor> block_score_cpu(const at::Tensor& x, const at
   at::Tensor ids;
   AT_DISPATCH_INDEX_TYPES(cl.scalar_type(), "block_score", [&] { ids = block_ids<index_t>(cl, off, max_children); });
   // The blocks are contiguous rows, so the shortlist kernel reads them sequentially (prefetch-friendly).
-  return {shortlist_score_cpu(x, weight, bias, ids, false, false), ids};
+  return {shortlist_score_cpu(x, weight, bias, ids, false, false, weight_scale), ids};
 }
 
 std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, at::TensorList weights,
                                                       const c10::List<c10::optional<at::Tensor>>& biases,
                                                       at::TensorList offsets, at::IntArrayRef beams,
                                                       at::IntArrayRef max_children, int64_t k,
-                                                      c10::string_view combine) {
+                                                      c10::string_view combine,
+                                                      const c10::optional<c10::List<c10::optional<at::Tensor>>>&
+                                                          weight_scales) {
   const int64_t levels = int64_t(weights.size());
   TORCH_CHECK(levels >= 1, "cascade_search needs at least one level");
   TORCH_CHECK(int64_t(features.size()) == levels && int64_t(biases.size()) == levels,
@@ -271,6 +295,8 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
   TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
   const bool weighted = combine == "leaf_x_parent";
   const int64_t B = features[0].size(0);
+  TORCH_CHECK(!weight_scales.has_value() || int64_t(weight_scales->size()) == levels,
+              "weight_scales needs one entry per level (", levels, "), got ", weight_scales->size());
 
   std::vector<Level> lv(levels);
   for (int64_t l = 0; l < levels; ++l) {
@@ -280,6 +306,12 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
                 " and ", W.sizes());
     lv[l].x = features[l].to(at::kFloat).contiguous();
     lv[l].W = (W.scalar_type() == at::kDouble ? W.to(at::kFloat) : W).contiguous();
+    const c10::optional<at::Tensor> scale =
+        weight_scales.has_value() ? weight_scales->get(l) : c10::optional<at::Tensor>();
+    const std::string level_name = "weights[" + std::to_string(l) + "]";
+    const std::string scale_name = "weight_scales[" + std::to_string(l) + "]";
+    check_weight_scale(W, scale, level_name.c_str(), scale_name.c_str());
+    if (has_tensor(scale)) lv[l].scale = scale->contiguous();
     set_scorers(lv[l]);
     lv[l].D = W.size(1);
     const auto& b = biases.get(l);
@@ -334,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
     for (int64_t i = 0; i < n0; ++i) s.ids[i] = i;
     for_range(n0, 128, [&](int64_t r0, int64_t r1) {
       lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, r0, r1 - r0,
-                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, s.scores.data() + r0);
+                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, level_scale(lv[0]),
+                   s.scores.data() + r0);
     });
     s.parent.assign(n0, 0.f);
     bool has_parent = false;
@@ -367,7 +400,8 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
           const int64_t node = s.beam_nodes[j];
           if (node < 0) continue;
           const int64_t start = off[node], size = off[node + 1] - start;
-          lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, s.scores.data() + j * width);
+          lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, level_scale(lv[l]),
+                       s.scores.data() + j * width);
           for (int64_t t = 0; t < size; ++t) s.ids[j * width + t] = start + t;
         }
       });

@@ -2,6 +2,8 @@
 //
 //   forward      s[b,k]  = <x[b], W[idx[b,k]]> + bias[idx[b,k]]           (-inf where idx == -1)
 //   grad_input   dx[b]   = sum_k g[b,k] W[idx[b,k]]
+//   int8 tables  W[r] = scale[r] * q[r]: s = scale[id] * <x, q[id]> + bias (the fp32 sum of x * q, scaled once),
+//                dx[b] = sum_k (g[b,k] scale[id]) q[id]; no weight gradient (inference-only)
 //   grad_weight  dW[r]   = sum_{(b,k): idx[b,k] == r} g[b,k] x[b],  dbias[r] = sum g[b,k]
 //
 // Everything accumulates in fp32 (float64 when an input is float64, for gradcheck) in a fixed order, so
@@ -30,20 +32,28 @@ constexpr int64_t kPrefetchAhead = 2;  // rows prefetched ahead in a shortlist
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
+// scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr.
 template <class L, class I>
 CXF_MULTIVERSION void score_ids(const typename L::A* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
-                                typename L::A* out) {
+                                const float* scale, typename L::A* out) {
+  using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < n; ++k) {
     if (k + kPrefetchAhead < n && ids[k + kPrefetchAhead] >= 0)
       prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D, row_bytes);
     const int64_t id = ids[k];
-    out[k] = id < 0 ? -std::numeric_limits<typename L::A>::infinity() : dot<L>(xb, W + id * D, D);
+    if (id < 0) {
+      out[k] = -std::numeric_limits<A>::infinity();
+      continue;
+    }
+    const A v = dot<L>(xb, W + id * D, D);
+    out[k] = scale ? v * A(scale[id]) : v;
   }
 }
 
 template <class L, class I>
-void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, at::Tensor& out) {
+void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, const float* scale,
+                  at::Tensor& out) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
   using A = typename L::A;
   const A* x = xf.data_ptr<A>();
@@ -54,7 +64,7 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, k0 = (t % blocks) * kIdsPerTask, n = std::min(kIdsPerTask, K - k0);
-      score_ids<L, I>(x + b * D, w, D, ids + b * K + k0, n, o + b * K + k0);
+      score_ids<L, I>(x + b * D, w, D, ids + b * K + k0, n, scale, o + b * K + k0);
     }
   });
 }
@@ -88,6 +98,7 @@ void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn)
     case at::kBFloat16: with_loader(BF16{}); break;
     case at::kHalf: with_loader(F16{}); break;
     case at::kDouble: with_loader(F64{}); break;
+    case at::kChar: with_loader(I8{}); break;
     default: TORCH_CHECK(false, "weight: unsupported dtype ", W.scalar_type());
   }
 }
@@ -97,17 +108,19 @@ void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn)
 
 template <class L, class I>
 CXF_MULTIVERSION void accumulate_rows(const typename L::A* g, const typename L::T* W, int64_t D, int64_t d0,
-                                      int64_t dn, const I* ids, int64_t K, typename L::A* dx) {
+                                      int64_t dn, const I* ids, int64_t K, const float* scale, typename L::A* dx) {
+  using A = typename L::A;
   const int64_t chunk_bytes = dn * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < K; ++k) {
     if (k + kPrefetchAhead < K && ids[k + kPrefetchAhead] >= 0)
       prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D + d0, chunk_bytes);
-    if (ids[k] >= 0) axpy<L>(g[k], W + int64_t(ids[k]) * D + d0, dx, dn);
+    if (ids[k] >= 0) axpy<L>(scale ? g[k] * A(scale[ids[k]]) : g[k], W + int64_t(ids[k]) * D + d0, dx, dn);
   }
 }
 
 template <class L, class I>
-void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor& idx, at::Tensor& dx) {
+void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor& idx, const float* scale,
+                     at::Tensor& dx) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
   using A = typename L::A;
   const A* gp = g.data_ptr<A>();
@@ -118,7 +131,7 @@ void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor&
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks, d0 = (t % chunks) * kDimsPerTask, dn = std::min(kDimsPerTask, D - d0);
-      accumulate_rows<L, I>(gp + b * K, w, D, d0, dn, ids + b * K, K, out + b * D + d0);
+      accumulate_rows<L, I>(gp + b * K, w, D, d0, dn, ids + b * K, K, scale, out + b * D + d0);
     }
   });
 }
@@ -257,17 +270,26 @@ static void dispatch_acc(at::ScalarType acc, Fn&& fn) {
     fn.template operator()<F32>();
 }
 
+// The scales of an int8 table as a contiguous fp32 tensor (undefined for a float table).
+static at::Tensor scales_of(const c10::optional<at::Tensor>& weight_scale) {
+  return has_tensor(weight_scale) ? weight_scale->contiguous() : at::Tensor();
+}
+
+static const float* scale_ptr(const at::Tensor& scale) { return scale.defined() ? scale.data_ptr<float>() : nullptr; }
+
 at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                               const at::Tensor& idx, bool /*sparse_grad*/, bool /*deterministic*/) {
-  check_shortlist_args(x, weight, bias, idx);
+                               const at::Tensor& idx, bool /*sparse_grad*/, bool /*deterministic*/,
+                               const c10::optional<at::Tensor>& weight_scale) {
+  check_shortlist_args(x, weight, bias, idx, weight_scale);
   const auto acc = acc_type({x.scalar_type(), weight.scalar_type()});
   const auto xa = x.to(acc).contiguous();
   // A float64 x with a low-precision table (or the reverse) computes in float64 on a float64 copy of the table.
   const auto W = (acc == at::kDouble ? weight.to(acc) : weight).contiguous();
+  const auto scale = scales_of(weight_scale);
   const auto ids = idx.contiguous();
   auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(acc));
   if (out.numel() == 0) return out;
-  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xa, W, ids, out); });
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xa, W, ids, scale_ptr(scale), out); });
   if (bias.has_value() && bias->defined())
     dispatch_ids(ids, [&]<class I>() {
       dispatch_acc(acc, [&]<class L>() { add_bias<typename L::A, I>(bias->contiguous(), ids, out); });
@@ -275,16 +297,19 @@ at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, co
   return out;
 }
 
-at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& idx) {
+at::Tensor shortlist_score_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& idx,
+                                          const c10::optional<at::Tensor>& weight_scale) {
   check_grad_args(grad, idx, "weight", weight);
+  check_weight_scale(weight, weight_scale);
   check_ids_in_range(idx, weight.size(0));
   const auto acc = acc_type({grad.scalar_type(), weight.scalar_type()});
   const auto g = grad.to(acc).contiguous();
   const auto W = (acc == at::kDouble ? weight.to(acc) : weight).contiguous();
+  const auto scale = scales_of(weight_scale);
   const auto ids = idx.contiguous();
   auto dx = at::zeros({idx.size(0), weight.size(1)}, grad.options().dtype(acc));
   if (dx.numel() == 0 || idx.size(1) == 0) return dx;
-  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { grad_input_impl<L, I>(g, W, ids, dx); });
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { grad_input_impl<L, I>(g, W, ids, scale_ptr(scale), dx); });
   return dx;
 }
 

@@ -63,6 +63,15 @@ struct F16 {
   }
 };
 
+// int8 table rows (inference): symmetric per-row quantisation, so the kernel widens q to fp32, accumulates
+// <x, q> in fp32 and multiplies the sum by the row's scale once (see shortlist_score.cpp). dot<I8> is specialised
+// below (explicit per-ISA code); `load` serves the other loops (axpy for the input gradient).
+struct I8 {
+  using T = int8_t;
+  using A = float;
+  static inline float load(const T* p, int64_t i) { return float(p[i]); }
+};
+
 // 32 independent partial sums break the FMA latency chain (4 vectors of 8 on AVX2). The summation order is
 // fixed, so a result does not depend on the thread count; it may differ in the last bit between CPUs whose
 // clones differ in FMA contraction.
@@ -82,6 +91,17 @@ inline typename L::A dot(const typename L::A* __restrict x, const typename L::T*
   A total = 0;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total + tail;
+}
+
+// int8 rows: explicit AVX-512 / AVX2 / scalar code picked at load time (csrc/cpu/int8_dot.cpp), not the generic
+// loop above, whose int8 widening and serial lane sum would make the int8 kernels compute-bound.
+float dot_i8(const float* x, const int8_t* w, int64_t D);
+const char* int8_dot_isa();                 // "avx512", "avx2" or "scalar": the variant in use
+int set_int8_dot_isa(const char* name);     // "auto" or a variant: 1 = set, 0 = CPU lacks it, -1 = unknown here
+
+template <>
+inline float dot<I8>(const float* __restrict x, const int8_t* __restrict w, int64_t D) {
+  return dot_i8(x, w, D);
 }
 
 // acc[0:D] += a * w[0:D]

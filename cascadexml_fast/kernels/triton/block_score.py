@@ -9,8 +9,11 @@ the rows [offsets[c], offsets[c+1]) of W. Slot j = c * M + t of document b (M = 
 
 Launcher (plain function, tensors on the kernel's device: CUDA, or CPU under TRITON_INTERPRET=1):
 
-    block_score(x, weight, bias, clusters, offsets, max_children, method="auto") -> scores [B, C*M] fp32,
-                                                                                     ids [B, C*M] int64
+    block_score(x, weight, bias, clusters, offsets, max_children, method="auto", weight_scale=None)
+        -> scores [B, C*M] fp32, ids [B, C*M] int64
+
+An int8 table comes with its per-row fp32 scales (weight_scale): both paths load the int8 rows (a quarter of fp32's
+bytes), upcast them to fp32, and multiply each row's fp32 dot products by its scale once (HAS_SCALE).
 
 Two paths, both without a host-device sync:
 
@@ -47,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shortlist_score import _check_2d, _num_warps, _pow2, _tile_shape, _unit_stride_rows
+from .shortlist_score import _check_2d, _num_warps, _pow2, _scale_arg, _tile_shape, _unit_stride_rows
 
 __all__ = ["block_score", "grouped_tiles"]
 
@@ -63,11 +66,11 @@ _GROUP_MIN_B = 16
 
 @triton.jit
 def _block_gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, clusters_ptr, offsets_ptr, out_ptr, ids_ptr,
+    x_ptr, w_ptr, bias_ptr, clusters_ptr, offsets_ptr, out_ptr, ids_ptr, scale_ptr,
     C, M, D,
     stride_xb, stride_wn, stride_cb, stride_ob, stride_ib,
     HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr = False,
 ):
     # One program: document b, BLOCK_K consecutive slots of its C * M (clusters x children) slots.
     pid_b = tl.program_id(0).to(tl.int64)
@@ -98,6 +101,8 @@ def _block_gemv_kernel(
                         other=0.0).to(tl.float32)
         acc += w * xv[None, :]
     s = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        s = s * tl.load(scale_ptr + ids, mask=valid, other=0.0)
     if HAS_BIAS:
         s += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     s = tl.where(valid, s, float("-inf"))
@@ -107,11 +112,11 @@ def _block_gemv_kernel(
 
 @triton.jit
 def _block_grouped_kernel(
-    x_ptr, w_ptr, bias_ptr, sorted_ptr, perm_ptr, tiles_ptr, offsets_ptr, out_ptr, ids_ptr,
+    x_ptr, w_ptr, bias_ptr, sorted_ptr, perm_ptr, tiles_ptr, offsets_ptr, out_ptr, ids_ptr, scale_ptr,
     P, C, M, D,
     stride_xb, stride_wn, stride_ob, stride_ib,
     HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr = False,
 ):
     # One program: the tile starting at sorted pair tiles[t] (up to BLOCK_B pairs of one cluster run), and
     # children BLOCK_M * program_id(1) + [0, BLOCK_M) of that cluster. tiles[t] = -1: no such tile.
@@ -151,6 +156,8 @@ def _block_grouped_kernel(
                 else:
                     acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
         s = acc
+        if HAS_SCALE:
+            s = s * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
         if HAS_BIAS:
             s += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         s = tl.where(row_ok[None, :], s, float("-inf"))
@@ -217,9 +224,11 @@ def block_score(
     offsets: torch.Tensor,
     max_children: int,
     method: str = "auto",
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores (fp32) and tree-order ids (int64) of the children of clusters [B, C] (pad -1), each [B, C * M]
-    with M = max_children; padded slots hold -inf and -1. method: "auto", "gemv" or "grouped"."""
+    with M = max_children; padded slots hold -inf and -1. method: "auto", "gemv" or "grouped". An int8 weight
+    comes with weight_scale [N] (fp32 per-row scales)."""
     if method not in ("auto", "gemv", "grouped"):
         raise ValueError(f"method must be 'auto', 'gemv' or 'grouped', got {method!r}")
     _check_2d("x", x)
@@ -237,6 +246,8 @@ def block_score(
             f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, clusters {tuple(clusters.shape)}"
         )
     dev = x.device
+    scale = _scale_arg(weight, weight_scale)
+    scale_arg = scale if scale is not None else x
     scores = torch.empty(B, C * M, dtype=torch.float32, device=dev)
     ids = torch.empty(B, C * M, dtype=torch.int64, device=dev)
     if B == 0 or C * M == 0:
@@ -256,11 +267,11 @@ def block_score(
         block_k, block_d = _tile_shape(C * M, max(D, 1), weight.element_size(), B)
         grid = (B, triton.cdiv(C * M, block_k))
         _block_gemv_kernel[grid](
-            x, weight, bias_arg, clusters, offsets, scores, ids,
+            x, weight, bias_arg, clusters, offsets, scores, ids, scale_arg,
             C, M, D,
             x.stride(0), weight.stride(0), clusters.stride(0), scores.stride(0), ids.stride(0),
             HAS_BIAS=bias is not None, EVEN_D=D % block_d == 0,
-            BLOCK_K=block_k, BLOCK_D=block_d,
+            BLOCK_K=block_k, BLOCK_D=block_d, HAS_SCALE=scale is not None,
             num_warps=_num_warps(block_k * block_d),
         )
         return scores, ids
@@ -272,11 +283,11 @@ def block_score(
             and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
     grid = (tiles.numel(), triton.cdiv(M, block_m))
     _block_grouped_kernel[grid](
-        x, weight, bias_arg, sorted_ids, perm, tiles, offsets, scores, ids,
+        x, weight, bias_arg, sorted_ids, perm, tiles, offsets, scores, ids, scale_arg,
         B * C, C, M, D,
         x.stride(0), weight.stride(0), scores.stride(0), ids.stride(0),
         HAS_BIAS=bias is not None, EVEN_D=D % block_d == 0, LOWP=lowp,
-        BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d, HAS_SCALE=scale is not None,
         num_warps=4,
     )
     return scores, ids

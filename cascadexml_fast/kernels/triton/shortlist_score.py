@@ -4,14 +4,17 @@
 
 Launchers (plain functions, tensors on the kernel's device: CUDA, or CPU under TRITON_INTERPRET=1):
 
-    shortlist_score(x, weight, bias, idx)                          -> s [B, K] fp32
-    shortlist_score_grad_input(grad, weight, idx)                  -> dx [B, D] fp32
+    shortlist_score(x, weight, bias, idx, weight_scale=None)       -> s [B, K] fp32
+    shortlist_score_grad_input(grad, weight, idx, weight_scale=None) -> dx [B, D] fp32
     shortlist_score_grad_weight(grad, x, idx, num_rows, det=False) -> dW [num_rows, D] fp32, dbias [num_rows] fp32
     shortlist_score_grad_weight_rows(grad, x, idx)                 -> rows [U] int64, dW_rows [U, D], dbias_rows [U]
 
 Rules every kernel follows (see DESIGN.md):
 - x, W, bias, grad may each be stored as fp32, bf16 or fp16; every load is upcast to fp32 at once (the
   interpreter's bf16 arithmetic is wrong, and accumulation is fp32 anyway).
+- W may also be an int8 table with per-row fp32 scales (inference): the int8 row is loaded (a quarter of fp32's
+  bytes), upcast to fp32, the dot accumulated in fp32 and multiplied by scale[id] once (HAS_SCALE); the input
+  gradient scales grad[b, k] by scale[id] before accumulating the upcast rows.
 - Ids are cast to int64 before they are multiplied by a row stride: N * D passes 2^31 for real tables
   (3M x 768). Document offsets are int64 too.
 - Loads run along D (the contiguous dimension), in power-of-two BLOCK_D chunks, so each row is read with
@@ -50,11 +53,11 @@ _MAX_SEGMENT_PROGRAMS = 16 * 1024
 
 @triton.jit
 def _score_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, scale_ptr,
     K, D,
     stride_xb, stride_wn, stride_ib, stride_ob,
     HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr = False,
 ):
     # One program: document b, BLOCK_K shortlist slots. The [BLOCK_K, BLOCK_D] product is accumulated
     # element-wise in registers and reduced over D once at the end (one cross-lane reduction, not one per chunk).
@@ -79,6 +82,8 @@ def _score_fwd_kernel(
                         other=0.0).to(tl.float32)
         acc += w * xv[None, :]
     s = tl.sum(acc, axis=1)
+    if HAS_SCALE:  # int8 table: the fp32 sum of x * q, scaled once by the row's scale
+        s = s * tl.load(scale_ptr + ids, mask=valid, other=0.0)
     if HAS_BIAS:
         s += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     # A NaN in x reaches only this document's row; pads are overwritten whatever x holds.
@@ -88,11 +93,11 @@ def _score_fwd_kernel(
 
 @triton.jit
 def _score_grad_input_kernel(
-    grad_ptr, w_ptr, idx_ptr, out_ptr,
+    grad_ptr, w_ptr, idx_ptr, out_ptr, scale_ptr,
     K, D,
     stride_gb, stride_wn, stride_ib, stride_ob,
     EVEN_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr = False,
 ):
     # One program: document b, BLOCK_D features; loops over the shortlist in BLOCK_K chunks, in a fixed order
     # (deterministic, no atomics).
@@ -107,6 +112,8 @@ def _score_grad_input_kernel(
         valid = ids >= 0
         # Pads contribute nothing, even if grad holds NaN/inf there.
         g = tl.load(grad_ptr + pid_b * stride_gb + offs_k, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr + ids, mask=valid, other=0.0)
         w_ptrs = w_ptr + tl.where(valid, ids, 0)[:, None] * stride_wn + offs_d[None, :]
         if EVEN_D:
             w = tl.load(w_ptrs, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -242,10 +249,23 @@ def _deterministic(deterministic: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _scale_arg(weight: torch.Tensor, weight_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fp32 per-row scales of an int8 table, contiguous; None for a float table."""
+    if weight_scale is None:
+        if weight.dtype == torch.int8:
+            raise ValueError("an int8 weight needs weight_scale (its per-row fp32 scales)")
+        return None
+    if weight_scale.dim() != 1 or weight_scale.shape[0] != weight.shape[0]:
+        raise ValueError(f"weight_scale must have shape [{weight.shape[0]}], got {tuple(weight_scale.shape)}")
+    return weight_scale.contiguous().float()
+
+
 def shortlist_score(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """s[b, k] = <x[b], W[idx[b, k]]> + bias[idx[b, k]], fp32 [B, K]; -inf at pads (idx == -1)."""
+    """s[b, k] = <x[b], W[idx[b, k]]> + bias[idx[b, k]], fp32 [B, K]; -inf at pads (idx == -1). An int8 W comes
+    with weight_scale [N] (row r stands for W[r] * weight_scale[r])."""
     _check_2d("x", x)
     _check_2d("weight", weight)
     _check_2d("idx", idx)
@@ -258,6 +278,7 @@ def shortlist_score(
     out = torch.empty(B, K, dtype=torch.float32, device=x.device)
     if B == 0 or K == 0:
         return out
+    scale = _scale_arg(weight, weight_scale)
     if D == 0:  # empty dot products: the scores are the biases (no kernel needed)
         valid = idx >= 0
         s = bias[idx.long().clamp(min=0)].float() if bias is not None else torch.zeros_like(out)
@@ -270,18 +291,20 @@ def shortlist_score(
     block_k, block_d = _tile_shape(K, D, weight.element_size(), B)
     grid = (B, triton.cdiv(K, block_k))
     _score_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, idx, out,
+        x, weight, bias if bias is not None else x, idx, out, scale if scale is not None else out,
         K, D,
         x.stride(0), weight.stride(0), idx.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, EVEN_D=D % block_d == 0,
-        BLOCK_K=block_k, BLOCK_D=block_d,
+        BLOCK_K=block_k, BLOCK_D=block_d, HAS_SCALE=scale is not None,
         num_warps=_num_warps(block_k * block_d),
     )
     return out
 
 
-def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """dx[b] = sum_k grad[b, k] * W[idx[b, k]] over non-pad k, fp32 [B, D]."""
+def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                               weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dx[b] = sum_k grad[b, k] * W[idx[b, k]] over non-pad k, fp32 [B, D] (an int8 W with weight_scale: the
+    dequantised rows)."""
     _check_2d("grad", grad)
     _check_2d("weight", weight)
     _check_2d("idx", idx)
@@ -289,6 +312,7 @@ def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: to
         raise ValueError(f"grad {tuple(grad.shape)} and idx {tuple(idx.shape)} must have the same shape")
     B, K = idx.shape
     D = weight.shape[1]
+    scale = _scale_arg(weight, weight_scale)
     if B == 0 or D == 0:
         return torch.empty(B, D, dtype=torch.float32, device=weight.device)
     if K == 0:
@@ -304,11 +328,11 @@ def shortlist_score_grad_input(grad: torch.Tensor, weight: torch.Tensor, idx: to
     block_k = _pow2(K, 8, max(8, 4096 // block_d))
     grid = (B, triton.cdiv(D, block_d))
     _score_grad_input_kernel[grid](
-        grad, weight, idx, out,
+        grad, weight, idx, out, scale if scale is not None else out,
         K, D,
         grad.stride(0), weight.stride(0), idx.stride(0), out.stride(0),
         EVEN_D=D % block_d == 0,
-        BLOCK_K=block_k, BLOCK_D=block_d,
+        BLOCK_K=block_k, BLOCK_D=block_d, HAS_SCALE=scale is not None,
         num_warps=_num_warps(block_k * block_d),
     )
     return out

@@ -1,0 +1,146 @@
+// <x, q> for one int8 table row (fp32 x, fp32 result), the inner loop of every int8 kernel.
+//
+// The generic loader path (vec.h dot<L>) vectorises int8 -> fp32 poorly (int8 -> int16 -> int32 chains) and ends
+// with a serial sum of its 32 lanes, which for a 768-byte int8 row costs as much as reading the row. Here each ISA
+// gets explicit code, picked once at load time (the CPU's best, or the one forced by set_int8_dot_isa for tests):
+//
+//   avx512 (x86-64-v4)  4 zmm accumulators of 16 lanes: vpmovsxbd (16 int8 -> int32), vcvtdq2ps, vfmadd
+//   avx2   (x86-64-v3)  8 ymm accumulators of 8 lanes, the same 64 lanes and the same FMAs
+//   scalar (baseline)   64 lanes in plain C++ (mul + add, no FMA)
+//
+// All three keep 64 lanes (lane j sums the elements 64 i + j) and reduce them by one fixed tree: 64 -> 16 as
+// (L[j] + L[j+16]) + (L[j+32] + L[j+48]), then halving (j + 8, j + 4, j + 2, j + 1); the D % 64 trailing elements
+// are summed in order and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the
+// rounding of the fused multiply-adds. Results never depend on the thread count.
+#include "cpu/vec.h"
+
+#include <string>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() (GCC bug 105593): harmless.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define CXF_X86_INT8 1
+#endif
+
+namespace cxf {
+namespace {
+
+constexpr int64_t kI8Lanes = 64;
+
+float dot_i8_scalar(const float* __restrict x, const int8_t* __restrict w, int64_t D) {
+  float lanes[kI8Lanes] = {};
+  int64_t i = 0;
+  for (; i + kI8Lanes <= D; i += kI8Lanes)
+    for (int64_t j = 0; j < kI8Lanes; ++j) lanes[j] += x[i + j] * float(w[i + j]);
+  float s[16];
+  for (int j = 0; j < 16; ++j) s[j] = (lanes[j] + lanes[j + 16]) + (lanes[j + 32] + lanes[j + 48]);
+  for (int width = 8; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) s[j] = s[j] + s[j + width];
+  float tail = 0.f;
+  for (; i < D; ++i) tail += x[i] * float(w[i]);
+  return s[0] + tail;
+}
+
+#ifdef CXF_X86_INT8
+// Sum of 8 lanes by the tree above: (t[j] + t[j+4]), then (j + 2), then (j + 1).
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline float hsum8(__m256 t) {
+  __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  u = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  u = _mm_add_ss(u, _mm_shuffle_ps(u, u, 1));
+  return _mm_cvtss_f32(u);
+}
+
+__attribute__((target("arch=x86-64-v3"), always_inline)) inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+__attribute__((target("arch=x86-64-v4"))) float dot_i8_avx512(const float* __restrict x, const int8_t* __restrict w,
+                                                               int64_t D) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + kI8Lanes <= D; i += kI8Lanes) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), widen16(w + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), widen16(w + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), widen16(w + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), widen16(w + i + 48), a3);
+  }
+  const __m512 s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+  const float total = hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
+  float tail = 0.f;
+  for (; i < D; ++i) tail += x[i] * float(w[i]);
+  return total + tail;
+}
+
+__attribute__((target("arch=x86-64-v3"))) float dot_i8_avx2(const float* __restrict x, const int8_t* __restrict w,
+                                                             int64_t D) {
+  // a[2k] and a[2k+1] are the low and high halves of avx512's accumulator k.
+  __m256 a[8];
+  for (auto& v : a) v = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + kI8Lanes <= D; i += kI8Lanes) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), widen8(w + i + 8 * j), a[j]);
+  }
+  const __m256 lo = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6]));
+  const __m256 hi = _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]));
+  const float total = hsum8(_mm256_add_ps(lo, hi));
+  float tail = 0.f;
+  for (; i < D; ++i) tail += x[i] * float(w[i]);
+  return total + tail;
+}
+#endif
+
+using DotI8 = float (*)(const float*, const int8_t*, int64_t);
+
+struct Variant {
+  const char* name;
+  DotI8 fn;
+  bool supported;
+};
+
+Variant variant(const std::string& name) {
+#ifdef CXF_X86_INT8
+  __builtin_cpu_init();
+  if (name == "avx512") return {"avx512", &dot_i8_avx512, bool(__builtin_cpu_supports("x86-64-v4"))};
+  if (name == "avx2") return {"avx2", &dot_i8_avx2, bool(__builtin_cpu_supports("x86-64-v3"))};
+#endif
+  if (name == "scalar") return {"scalar", &dot_i8_scalar, true};
+  return {nullptr, nullptr, false};
+}
+
+Variant best_variant() {
+  for (const char* name : {"avx512", "avx2"}) {
+    const Variant v = variant(name);
+    if (v.supported) return v;
+  }
+  return variant("scalar");
+}
+
+Variant active = best_variant();
+
+}  // namespace
+
+float dot_i8(const float* x, const int8_t* w, int64_t D) { return active.fn(x, w, D); }
+
+const char* int8_dot_isa() { return active.name; }
+
+int set_int8_dot_isa(const char* name) {
+  const std::string wanted = name ? name : "";
+  if (wanted == "auto" || wanted.empty()) {
+    active = best_variant();
+    return 1;
+  }
+  const Variant v = variant(wanted);
+  if (v.fn == nullptr) return -1;  // unknown on this build
+  if (!v.supported) return 0;      // this CPU lacks it
+  active = v;
+  return 1;
+}
+
+}  // namespace cxf
