@@ -231,6 +231,9 @@ def test_training_learns_and_groups_follow_the_protocol(workdir, tmp_path):
     assert summary["selection_split"] == "test" and summary["test_metrics"]["P@1"] > 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert (tmp_path / "run" / "summary.json").is_file()
+    # a fresh run in the same directory starts a new log instead of appending to the old one
+    Trainer(tiny_config(workdir, tmp_path / "run", epochs=1, checkpoint_every=0), log=quiet, progress=False).train()
+    assert len(read_log(tmp_path / "run", "start")) == 1 and len(read_log(tmp_path / "run", "eval")) == 1
 
 
 def test_frozen_encoder_trains_heads_only_and_selects_on_a_validation_split(workdir, tmp_path):

@@ -457,9 +457,11 @@ class Trainer:
         config, state = self.config, self.state
         train = self.splits.train
         selection_name, _ = self.splits.selection
-        self._log_file = open(self.out / "log.jsonl", "a", encoding="utf-8")
+        fresh = state["global_step"] == 0 and state["epoch"] == 0
+        # a fresh run replaces the log of an earlier one in the same directory; a resumed run continues it
+        self._log_file = open(self.out / "log.jsonl", "w" if fresh else "a", encoding="utf-8")
         self._window_t0 = time.perf_counter()
-        if state["global_step"] == 0 and state["epoch"] == 0:
+        if fresh:
             self._log(dict(type="start", config=config.to_dict(), steps_per_epoch=self.steps_per_epoch,
                            amp=self.amp.name, device=str(self.device)))
         lrs: Dict[str, float] = {}
