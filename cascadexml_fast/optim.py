@@ -35,8 +35,8 @@ def _all_finite(values: torch.Tensor) -> bool:
 
 
 def _as_table(t: torch.Tensor) -> torch.Tensor:
-    """Tables as they are, biases [N] as [N, 1]."""
-    return t.view(t.shape[0], -1) if t.dim() == 1 else t
+    """Tables as they are, biases [N] as [N, 1] (also N = 0: an empty shard of a sharded head)."""
+    return t.view(t.shape[0], 1) if t.dim() == 1 else t
 
 
 class _SparseRowOptimizer(torch.optim.Optimizer):
