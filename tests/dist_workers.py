@@ -292,3 +292,16 @@ def failing_step(rank: int, world: int, bad_rank: int, mode: str, hang_s: float 
     except ValueError as exc:
         return ("local", str(exc), time.monotonic() - t0)
 
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def trainer_run(rank: int, world: int, fields: dict, stop_after, resume: bool):
+    """DistributedTrainer over this world (the default group): prepare + train (optionally stopped after
+    `stop_after` global steps, as an interruption: nothing saved then)."""
+    from cascadexml_fast.distributed.trainer import DistributedTrainer
+    from cascadexml_fast.training import TrainConfig
+
+    trainer = DistributedTrainer(TrainConfig(**fields), resume=resume, log=lambda *_: None, progress=False)
+    summary = trainer.prepare().train(stop_after_steps=stop_after)
+    head = trainer.model.head
+    return dict(summary=summary, rows=[head.local_range(level) for level in range(head.num_levels)])

@@ -197,3 +197,14 @@ def test_a_rank_dying_mid_step_fails_every_rank_fast(world3):
     for rank in (0, 2):
         ok, value = results[rank]
         assert ok and value[0] == "peer" and "no rank reported an error" in value[1] and value[2] < 10, value
+
+
+def test_sparse_optimizers_step_an_empty_shard():
+    # a rank may hold no row of a level (fewer nodes than ranks): its parameters still step, so every rank's
+    # optimizer state has the same structure (gathered checkpoints rely on it)
+    weight, bias = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.zeros(0))
+    for optimizer in (cx.SparseAdamW([weight, bias]), cx.SparseRowwiseAdagrad([weight, bias])):
+        weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (0, 3))
+        bias.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (0,))
+        optimizer.step()
+        assert [state["step"] for state in optimizer.state.values()] == [1, 1]
