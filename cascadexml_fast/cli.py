@@ -27,6 +27,11 @@ def add_parsers(commands) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (its saved config is used)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process per rank under torchrun (RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on "
+                        "CPU): label tables sharded over the ranks, data-parallel encoder (cascadexml_fast.distributed)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+                   help="with --distributed: seconds a collective may wait before the run fails (default 1800)")
 
     p = commands.add_parser("evaluate", help="P@k, nDCG@k, PSP@k of a saved model on a test set")
     p.add_argument("--model", required=True, help="a directory written by train (e.g. runs/x/model)")
@@ -83,9 +88,16 @@ def run_train(args) -> int:
             saved = TrainConfig.from_dict(json.loads((checkpoint / "train_config.json").read_text()))
             requested = set(file_values) | set(given) | {a.split("=", 1)[0].split(".")[0] for a in args.assignments}
             config = resume_config(saved, config, requested)
-    trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
     try:
-        summary = trainer.prepare().train()
+        if getattr(args, "distributed", False):
+            from .distributed.trainer import run_distributed_train
+
+            summary = run_distributed_train(config, resume=args.resume, progress=not args.no_progress,
+                                            timeout_s=args.dist_timeout)
+            if summary.get("rank", 0) != 0:
+                return 0  # rank 0 reports
+        else:
+            summary = Trainer(config, resume=args.resume, progress=not args.no_progress).prepare().train()
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue from the last checkpoint with `cascadexml-fast train --output-dir "
               f"{config.output_dir} --resume`", file=sys.stderr)
