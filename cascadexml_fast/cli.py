@@ -29,7 +29,8 @@ def add_parsers(commands) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="one process per rank under torchrun (RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on "
-                        "CPU): label tables sharded over the ranks, data-parallel encoder (cascadexml_fast.distributed)")
+                        "CPU): label tables sharded over the ranks, data-parallel encoder "
+                        "(cascadexml_fast.distributed)")
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
                    help="with --distributed: seconds a collective may wait before the run fails (default 1800)")
 

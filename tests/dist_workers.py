@@ -109,6 +109,17 @@ def search_cases(rank: int, world: int):
                                                                                             l_scores)),
                         boundaries=sharded.boundaries,
                     ))
+    # boundaries that cut children blocks (even splits of every level): the per-entry scoring path
+    tree, beams = trees()["uneven"]
+    head = make_head(tree, beams, combine="leaf_x_parent", seed=99)
+    even = [[(r * n) // world for r in range(world + 1)] for n in head.level_sizes]
+    sharded = ShardedCascadeHead.from_full(head, boundaries=even)
+    features = make_features(head, 7, seed=99)
+    ids, scores = head.search(features, k=6)
+    s_ids, s_scores = sharded.search(features, k=6)
+    results.append(dict(case="uneven/cut-blocks", ids_equal=bool(torch.equal(ids, s_ids)), local_ids_equal=True,
+                        pads_equal=True, max_diff=0.0, bit_equal=bool(torch.equal(scores, s_scores)),
+                        boundaries=even, whole_blocks=sharded._whole_blocks))
     return results
 
 

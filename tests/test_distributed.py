@@ -97,7 +97,8 @@ def test_sharded_search_equals_single_process(request, ranks):
     world = request.getfixturevalue(f"world{ranks}")
     results = world.run(workers.search_cases)
     for rank_results in results:
-        assert len(rank_results) == 48
+        assert len(rank_results) == 49
+        assert not all(rank_results[-1]["whole_blocks"][1:])  # some level really cuts blocks
         for r in rank_results:
             assert r["ids_equal"] and r["local_ids_equal"] and r["pads_equal"], r["case"]
             assert r["bit_equal"], (r["case"], r["max_diff"])
@@ -147,7 +148,8 @@ def test_checkpoint_written_on_2_ranks_reloads_on_3(world2, world3, tmp_path):
         for param in (f"weights.{level}", f"biases.{level}"):
             for state in ("exp_avg", "exp_avg_sq"):
                 name = f"optim.{param}.{state}"
-                assert torch.equal(read_rows(first, index, name, level, 0, n), read_rows(second, index3, name, level, 0, n))
+                assert torch.equal(read_rows(first, index, name, level, 0, n),
+                                   read_rows(second, index3, name, level, 0, n))
     assert index3["optimizer"]["scalars"] == index["optimizer"]["scalars"]
 
     # training goes on from the re-sharded state as it would have in one process

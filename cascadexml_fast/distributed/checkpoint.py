@@ -199,7 +199,8 @@ def load_sharded(directory: Union[str, os.PathLike], group=None, *, device=None,
     index = read_index(d)
     tree = _read_tree(d, index)
     head = ShardedCascadeHead(tree, index["dims"], index["beams"], group=group, combine=index["combine"],
-                              bias=index["bias"], sparse_grad=index["sparse_grad"] if sparse_grad is None else sparse_grad,
+                              bias=index["bias"],
+                              sparse_grad=index["sparse_grad"] if sparse_grad is None else sparse_grad,
                               dtype=_dtype(index["dtype"]), device=device, boundaries=boundaries, _initialize=False)
     with torch.no_grad():
         for level in range(head.num_levels):

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..layers import CascadeHead
 from ..ops import reference
-from ..ops.search import cascade_search_op, topk_op
+from ..ops.search import block_score_op, cascade_search_op, topk_op
 from ..ops.shortlist_bce import shortlist_bce
 from ..ops.shortlist_score import shortlist_score
 from .comm import Comm
@@ -84,7 +84,8 @@ def _check_boundaries(bounds, level_sizes, world_size) -> List[List[int]]:
         raise ValueError(f"boundaries need one list per level ({len(level_sizes)}), got {len(bounds)}")
     for level, (b, n) in enumerate(zip(bounds, level_sizes)):
         if len(b) != world_size + 1 or b[0] != 0 or b[-1] != n or any(x > y for x, y in zip(b, b[1:])):
-            raise ValueError(f"boundaries[{level}] must be {world_size + 1} non-decreasing values from 0 to {n}, got {b}")
+            raise ValueError(f"boundaries[{level}] must be {world_size + 1} non-decreasing values from 0 to {n}, "
+                             f"got {b}")
     return bounds
 
 
@@ -175,6 +176,9 @@ class ShardedCascadeHead(nn.Module):
         self.max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
         self.boundaries = _check_boundaries(boundaries if boundaries is not None else
                                             shard_boundaries(sizes, offsets, R), sizes, R)
+        # levels whose every children block lies inside one shard (always so with shard_boundaries' rule)
+        self._whole_blocks = [False] + [set(b) <= set(o.tolist()) | {0, sizes[level + 1]}
+                                        for level, (b, o) in enumerate(zip(self.boundaries[1:], offsets))]
         factory = {"device": device, "dtype": dtype}
         local = [b[rank + 1] - b[rank] for b in self.boundaries]
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, d, **factory)) for n, d in zip(local, dims)])
@@ -193,9 +197,13 @@ class ShardedCascadeHead(nn.Module):
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_full(cls, head: CascadeHead, group=None, boundaries=None, topk_merge: str = "auto") -> "ShardedCascadeHead":
+    def from_full(cls, head: CascadeHead, group=None, boundaries=None,
+                  topk_merge: str = "auto") -> "ShardedCascadeHead":
         """This rank's shard of a full CascadeHead (every rank passes the same head: e.g. built from the same seed,
         or loaded from the same file)."""
+        if getattr(head, "quantized", False):
+            raise ValueError("ShardedCascadeHead.from_full: the head holds int8 tables (cascadexml_fast.quantize); "
+                             "shard the float head")
         tree = SimpleNamespace(offsets=[o.cpu() for o in head.offsets], perm=head.perm.cpu())
         w0 = head.weights[0]
         sharded = cls(tree, head.dims, head.beams, group=group, combine=head.combine, bias=head.biases is not None,
@@ -258,7 +266,8 @@ class ShardedCascadeHead(nn.Module):
             return [level_features] * self.num_levels
         features = list(level_features)
         if len(features) != self.num_levels:
-            raise ValueError(f"level_features needs one [B, D] tensor per level ({self.num_levels}), got {len(features)}")
+            raise ValueError(f"level_features needs one [B, D] tensor per level ({self.num_levels}), "
+                             f"got {len(features)}")
         return features
 
     def _owned(self, ids: torch.Tensor, level: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -370,6 +379,20 @@ class ShardedCascadeHead(nn.Module):
         bias = self.biases[level] if self.biases is not None else None
         return shortlist_score(x, self.weights[level], bias, local, validate=False), owned
 
+    def _score_blocks(self, level: int, x: torch.Tensor, nodes: torch.Tensor, width: int):
+        """Scores [B, C * width] of the children blocks of nodes [B, C] (level - 1) that this rank owns, with the
+        block_score op as the single-process search does (-inf elsewhere), and the mask of those entries. Needs
+        every block of the level inside one shard (`_whole_blocks`)."""
+        lo, hi = self.local_range(level)
+        offsets = self.offsets[level - 1]
+        safe = nodes.clamp(min=0)
+        mine = (nodes >= 0) & (offsets[safe] >= lo) & (offsets[safe + 1] <= hi)
+        local_nodes = torch.where(mine, nodes, torch.full_like(nodes, -1))
+        local_offsets = (offsets - lo).clamp(0, hi - lo)
+        bias = self.biases[level] if self.biases is not None else None
+        logits, local_ids = block_score_op(x, self.weights[level], bias, local_nodes, local_offsets, width)
+        return logits, local_ids >= 0
+
     def _search(self, features, k, beams, combine):
         B = features[0].shape[0]
         device = self.perm.device
@@ -381,7 +404,10 @@ class ShardedCascadeHead(nn.Module):
             nodes = reference.ids_at(ids, pos)
             width = self.max_children[level - 1]
             ids = reference.block_ids(nodes, self.offsets[level - 1], width)
-            logits, owned = self._score(level, features[level], ids)
+            if self._whole_blocks[level]:  # the single-process search's own kernel (CUDA: block_score)
+                logits, owned = self._score_blocks(level, features[level], nodes, width)
+            else:
+                logits, owned = self._score(level, features[level], ids)
             parent = top.repeat_interleave(width, dim=1)
         final = torch.full_like(logits, float("-inf"))
         mine = owned.nonzero(as_tuple=True)

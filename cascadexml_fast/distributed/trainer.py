@@ -5,8 +5,8 @@ its steps, not by copying its loop:
 
 - set-up: rank 0 prepares first (data, tree, feature cache, the initial model, which it writes to
   <output_dir>/.distributed/init-model, removed once loaded); the other ranks wait at a barrier and then load that
-  model, so every rank starts from the same weights and reads warm caches. Ranks other than 0 print nothing and write their own files
-  (log, config copy) under <output_dir>/.distributed/rank-<r>/.
+  model, so every rank starts from the same weights and reads warm caches. Ranks other than 0 print nothing and
+  write their own files (log, config copy) under <output_dir>/.distributed/rank-<r>/.
 - the head: the model's CascadeHead becomes a ShardedCascadeHead before the optimizers are built, so each rank's
   SparseAdamW holds only its rows (and their moments).
 - a step: the global batch (config.batch_size documents, the same order as one process) is split into R
