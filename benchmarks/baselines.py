@@ -35,11 +35,16 @@ TFIDF_SETTINGS: Dict[str, object] = dict(
 )
 
 
-def tfidf_features(train_texts: Sequence[str], test_texts: Sequence[str], **overrides):
-    """(vectorizer, X_train, X_test): CSR float32, the vocabulary and idf from the training texts only."""
+def tfidf_vectorizer(**overrides):
+    """An unfitted sklearn TfidfVectorizer with :data:`TFIDF_SETTINGS` (``overrides`` replace single settings)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vec = TfidfVectorizer(**{**TFIDF_SETTINGS, **overrides})
+    return TfidfVectorizer(**{**TFIDF_SETTINGS, **overrides})
+
+
+def tfidf_features(train_texts: Sequence[str], test_texts: Sequence[str], **overrides):
+    """(vectorizer, X_train, X_test): CSR float32, the vocabulary and idf from the training texts only."""
+    vec = tfidf_vectorizer(**overrides)
     X_train = vec.fit_transform(train_texts).tocsr()
     X_test = vec.transform(test_texts).tocsr()
     X_train.sort_indices()

@@ -29,7 +29,6 @@ import datetime
 import gc
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -159,9 +158,11 @@ def run_baseline(name: str, train: XMCData, test: XMCData, inv: np.ndarray, args
     load_start = harness.loadavg()
     with harness.PeakMemory("cpu") as pm, Stopwatch() as train_sw:
         with Stopwatch() as tfidf_sw:
-            vec, X_train, X_test = baselines.tfidf_features(train.texts, test.texts)
+            vec = baselines.tfidf_vectorizer()
+            X_train = vec.fit_transform(train.texts).tocsr()
         model.fit(X_train, train.label_offsets, train.label_ids, train.n_labels)
     model.prepare_inference()
+    X_test = vec.transform(test.texts).tocsr()
     # batch: the whole test set, texts -> TF-IDF -> top-k, all threads
     with Stopwatch() as batch_sw:
         ids = model.predict(vec.transform(test.texts), args.k, threads=threads)
@@ -292,6 +293,7 @@ def training_api():
         raise
 
 
+STAGES = ("model load", "features", "tree", "training", "evaluation", "checkpoints")
 MODEL_METHODS = {"demo": "cascadexml-frozen", "cascadexml": "cascadexml-finetune", "lightxml": "lightxml-finetune"}
 
 
@@ -441,6 +443,15 @@ def render_md(name: str, payload: Dict[str, Any]) -> str:
                  "napkinxc-plt: one hierarchical balanced 2-means tree, leaves <= 100, logistic (LIBLINEAR C = 10), "
                  "exact top-k search")
     lines += ["", format_rows(payload["records"]), ""]
+    neural = [r for r in payload["records"] if r.get("timings")]
+    if neural:
+        lines += ["Neural rows: the trainer's stages (seconds; `features` = embedding every document with the "
+                  "encoder, for the tree and, when frozen, for training), epochs run and the best one (chosen on "
+                  "the validation split carved from train), training documents used.", ""]
+        stage_rows = [dict(method=r["method"], epochs=r.get("epochs"), best_epoch=r.get("best_epoch"),
+                           train_docs=r.get("train_docs_used"), **{k: r["timings"].get(k) for k in STAGES},
+                           device=r.get("device_used")) for r in neural]
+        lines += [harness.format_table(stage_rows), ""]
     for r in payload["records"]:
         if r.get("error"):
             lines.append(f"- {r['method']}: {r['error']}")
