@@ -210,3 +210,13 @@ def test_sparse_optimizers_step_an_empty_shard():
         bias.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (0,))
         optimizer.step()
         assert [state["step"] for state in optimizer.state.values()] == [1, 1]
+
+
+def test_train_distributed_needs_torchrun(monkeypatch, tmp_path, capsys):
+    from cascadexml_fast.__main__ import main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "--distributed", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "needs torchrun's environment" in capsys.readouterr().err
+    assert not dist.is_initialized()

@@ -4,6 +4,9 @@ must log the same losses (to fp32 summation order) and end with the same model; 
 resumed on 3 from the single-process-format checkpoint that rank 0 wrote. Heavier than test_distributed.py
 (three trainings, each rank loading transformers): marked slow."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +44,22 @@ def losses(output_dir: Path):
     return [(line["global_step"], line["loss"]) for line in lines if line["type"] == "train"]
 
 
-def test_distributed_training_matches_one_process_and_resumes_on_more_ranks(tmp_path):
-    from cascadexml_fast.models import load_pretrained
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run: (work dir, output dir, summary)."""
     from cascadexml_fast.training import TrainConfig, Trainer
 
-    reference_dir, sharded_dir = tmp_path / "one", tmp_path / "sharded"
-    reference = Trainer(TrainConfig(**config_fields(tmp_path, reference_dir)), log=lambda *_: None,
-                        progress=False).prepare().train()
+    work = tmp_path_factory.mktemp("distributed-train")
+    output = work / "one"
+    summary = Trainer(TrainConfig(**config_fields(work, output)), log=lambda *_: None, progress=False).prepare().train()
+    return work, output, summary
+
+
+def test_distributed_training_matches_one_process_and_resumes_on_more_ranks(reference):
+    from cascadexml_fast.models import load_pretrained
+
+    tmp_path, reference_dir, reference = reference
+    sharded_dir = tmp_path / "sharded"
     fields = config_fields(tmp_path, sharded_dir)
     two = World(2)
     try:
@@ -72,3 +84,22 @@ def test_distributed_training_matches_one_process_and_resumes_on_more_ranks(tmp_
         if a.is_floating_point():
             assert float((a - b).abs().max()) < 1e-5, name
     assert not (sharded_dir / ".distributed" / "init-model").exists()
+
+
+def test_train_distributed_cli_under_torchrun(reference):
+    tmp_path, reference_dir, reference = reference
+    output = tmp_path / "torchrun"
+    fields = config_fields(tmp_path, output)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(fields))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "cascadexml_fast", "train", "--distributed", "--config", str(config),
+                             "--no-progress", "--dist-timeout", "120"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("\nbest epoch ") == 1 and "distributed: 2 ranks (gloo)" in result.stdout  # rank 0 only
+    expected, got = losses(reference_dir), losses(output)
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, expected)) < 1e-5
+    assert (output / "model" / "config.json").is_file() and (output / "checkpoints" / "LATEST").is_file()
