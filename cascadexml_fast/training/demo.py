@@ -22,6 +22,8 @@ from .config import TrainConfig
 
 QUICK_TRAIN_DOCS = 4000
 QUICK_TEST_DOCS = 1000
+# not a WordNet gloss: a text the model has never seen, in the dataset's "lemmas: gloss" style
+EXAMPLE_TEXT = "golden retriever: a breed of dog with a thick golden coat, kept as a pet and used in hunting"
 
 
 def add_demo_flags(parser) -> None:
@@ -79,6 +81,7 @@ def run_demo(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     config = demo_config(quick=args.quick, device=args.device, output_dir=args.output_dir, epochs=args.epochs,
                          end_to_end=args.end_to_end, num_threads=args.num_threads)
     mode = "fine-tuning end to end" if not config.freeze_encoder else "frozen encoder, training the heads"
@@ -104,13 +107,17 @@ def run_demo(args) -> int:
                 extra = "  (cache " + ", ".join(f"{name} {hit}" for name, hit in hits.items()) + ")"
             print(f"  {label:<28} {timings[key]:7.1f}s{extra}")
     print(f"  {'total (wall)':<28} {total:7.1f}s")
+    if hasattr(os, "getloadavg"):
+        cores = os.cpu_count() or 1
+        print(f"  load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({cores} cores: "
+              f"above {cores} means other processes shared the CPUs and the times above are inflated)")
     print(f"\n== test set, best epoch ({summary['best_epoch']}, chosen on {summary['selection_split']}) ==")
     print(f"  P@1 {test.get('P@1', float('nan')):.2f}  P@3 {test.get('P@3', float('nan')):.2f}  "
           f"P@5 {test.get('P@5', float('nan')):.2f}  PSP@5 {test.get('PSP@5', float('nan')):.2f}")
     print(f"  all: {format_metrics(test)}")
 
     model_dir = Path(summary["model_dir"])
-    example = trainer.splits.test.texts[0] if trainer.splits.test is not None else "dog: a domestic animal"
+    example = EXAMPLE_TEXT
     print(f"\nmodel saved in {model_dir}/ (log: {Path(config.output_dir) / 'log.jsonl'})")
     print("predict with it:")
     print(f"  python -m cascadexml_fast predict --model {model_dir} {_shell_quote(example)}")
