@@ -316,3 +316,28 @@ def trainer_run(rank: int, world: int, fields: dict, stop_after, resume: bool):
     summary = trainer.prepare().train(stop_after_steps=stop_after)
     head = trainer.model.head
     return dict(summary=summary, rows=[head.local_range(level) for level in range(head.num_levels)])
+
+
+def cross_comm_failure(rank: int, world: int):
+    """Rank 1 fails under one Comm's guard while the others wait in a collective under another Comm's guard on the
+    same group (the trainer's and the head's): the report key is per group, so they stop at once."""
+    from cascadexml_fast.distributed import Comm, PeerFailure
+
+    outer, inner = Comm(), Comm()
+    with outer.guard("set-up"):
+        pass
+    with inner.guard("set-up"):
+        pass
+    t0 = time.monotonic()
+    if rank == 1:
+        try:
+            with outer.guard("training step"):
+                raise ValueError("injected failure in the step")
+        except ValueError as exc:
+            return ("local", str(exc), time.monotonic() - t0)
+    try:
+        with inner.guard("ShardedCascadeHead.loss"):
+            inner.all_gather_tensor(torch.ones(1))
+        return ("ok", "", time.monotonic() - t0)
+    except PeerFailure as exc:
+        return ("peer", str(exc), time.monotonic() - t0)

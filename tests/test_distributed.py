@@ -184,6 +184,16 @@ def test_a_rank_raising_mid_step_fails_every_rank_fast(world3):
     world3.reinit(pg_timeout_s=2.0)
 
 
+def test_a_failure_under_any_guard_of_the_group_stops_the_others(world3):
+    results = world3.run_allow_errors(workers.cross_comm_failure, timeout_s=30)
+    assert results[1] == (True, results[1][1]) and results[1][1][0] == "local"
+    for rank in (0, 2):
+        ok, (what, message, seconds) = results[rank]
+        assert ok and what == "peer" and "rank 1: training step: ValueError: injected failure" in message
+        assert seconds < 10
+    world3.reinit(pg_timeout_s=2.0)
+
+
 def test_a_hung_rank_times_out_on_every_rank(world3):
     results = world3.run_allow_errors(workers.failing_step, 1, "hang", 4.0, timeout_s=30)
     for rank, (ok, value) in enumerate(results):
@@ -206,8 +216,9 @@ def test_sparse_optimizers_step_an_empty_shard():
     # optimizer state has the same structure (gathered checkpoints rely on it)
     weight, bias = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.zeros(0))
     for optimizer in (cx.SparseAdamW([weight, bias]), cx.SparseRowwiseAdagrad([weight, bias])):
-        weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3), (0, 3))
-        bias.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (0,))
+        empty = torch.zeros(1, 0, dtype=torch.long)
+        weight.grad = torch.sparse_coo_tensor(empty, torch.zeros(0, 3), (0, 3), check_invariants=True)
+        bias.grad = torch.sparse_coo_tensor(empty, torch.zeros(0), (0,), check_invariants=True)
         optimizer.step()
         assert [state["step"] for state in optimizer.state.values()] == [1, 1]
 

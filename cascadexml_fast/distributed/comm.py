@@ -37,6 +37,10 @@ _COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "t
                      "collective", "process group", "processgroup", "watchdog")
 
 
+# (process group, failure-report key) pairs; a list, not a dict: process groups are compared by identity
+_FAILURE_TOKENS: List[Tuple[object, str]] = []
+
+
 class PeerFailure(RuntimeError):
     """Raised on every rank whose collective failed because another rank failed (or hung, or died)."""
 
@@ -235,16 +239,24 @@ class Comm:
             return None
 
     def failure_key(self) -> str:
+        """The store key of failure reports for this process group (agreed once per group, by a broadcast at the
+        first guarded call: every Comm on the group shares it, so a report published under one object's guard,
+        e.g. the trainer's, stops a peer waiting under another's, e.g. the head's)."""
         if self._failure_token is None:
-            # One token per Comm, agreed by all ranks, so that a report left in a long-lived store by an earlier
-            # run (torchrun restarts keep the store) is never taken for a current one.
-            # (os.urandom, not torch's generator: drawing from it would shift rank 0's random stream)
-            value = int.from_bytes(os.urandom(7), "little") if self.rank == 0 else 0
-            token = torch.tensor([value], dtype=torch.int64)
-            if self.distributed:
-                token = token.to(_device_of(self.group))
-                self.broadcast(token, 0)
-            self._failure_token = f"{FAILURE_KEY}/{int(token.item())}"
+            group = self.group if self.group is not None else dist.group.WORLD
+            cached = next((token for pg, token in _FAILURE_TOKENS if pg is group), None)
+            if cached is None:
+                # random, so that a report left in a long-lived store by an earlier run (torchrun restarts keep
+                # the store) is never taken for a current one; os.urandom, not torch's generator, which would
+                # shift rank 0's random stream
+                value = int.from_bytes(os.urandom(7), "little") if self.rank == 0 else 0
+                token = torch.tensor([value], dtype=torch.int64)
+                if self.distributed:
+                    token = token.to(_device_of(self.group))
+                    self.broadcast(token, 0)
+                cached = f"{FAILURE_KEY}/{int(token.item())}"
+                _FAILURE_TOKENS.append((group, cached))
+            self._failure_token = cached
         return self._failure_token
 
     def publish_failure(self, message: str) -> None:
