@@ -37,11 +37,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 try:  # imported as benchmarks.bench_distributed (tests), or run as a script from anywhere
     from benchmarks import harness
-    from benchmarks.trees import TREES, Tree
+    from benchmarks.trees import TREES
 except ImportError:  # appended, not prepended: an installed cascadexml_fast keeps precedence over the tree
     sys.path.append(str(REPO))
     from benchmarks import harness
-    from benchmarks.trees import TREES, Tree
+    from benchmarks.trees import TREES
 
 GB = 1e9
 MB = 1e6

@@ -8,7 +8,6 @@ and loss; the encoder (and so later steps) differs by summation order only (feat
 <= 1e-6 absolute.
 """
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -8,10 +8,11 @@
 - Failures (``guard``): a rank that raises inside a guarded block (every collective method of the sharded head
   is one) publishes "rank r: what: error" in the process group's store, tries to tear its process group down and
   re-raises. Its peers may be blocked in a collective with it, and with gloo an alive process keeps its sockets
-  open (tearing the group down does not close them while e.g. a DDP still references it), so under a guard the
-  gloo collectives are issued asynchronously and waited for while the store is polled (every 50 ms): the peers
-  see the report and raise ``PeerFailure`` naming the failed rank and its error within a fraction of a second. A
-  rank that dies without a word (killed, segfault) closes its connections, and one that hangs makes the
+  open (tearing the group down does not close them while e.g. a DDP still references it), so once the first
+  guard has agreed the group's report key, gloo collectives are issued asynchronously and waited for while the
+  store is polled (every 50 ms; a reduce-scatter becomes an all-reduce, as gloo's only progresses in wait()): the
+  peers see the report and raise ``PeerFailure`` naming the failed rank and its error within a fraction of a
+  second. A rank that dies without a word (killed, segfault) closes its connections, and one that hangs makes the
   collective time out (``init_process_group(timeout=...)``; ``init_distributed`` sets it): both surface as a
   ``PeerFailure`` that says no rank reported an error. Collectives outside our control (DDP's gradient
   all-reduce) are bounded by the process group's timeout only. On NCCL the collectives run synchronously on the
@@ -102,9 +103,10 @@ class Comm:
 
     # ---- raw collectives (each wrapped so that a failure is a CollectiveError)
     def _call(self, name: str, fn, *args, **kwargs):
-        """Run torch.distributed.<name> (`fn`). Under a guard on gloo it runs asynchronously and is waited for
-        while the store is polled for a failure report, so that a peer that raised (and is still alive, so its
-        sockets stay open) stops this rank at once instead of after the process group's timeout."""
+        """Run torch.distributed.<name> (`fn`). On gloo, once a guard has agreed the group's report key, it runs
+        asynchronously and is waited for while the store is polled for a failure report, so that a peer that
+        raised (and is still alive, so its sockets stay open) stops this rank at once instead of after the
+        process group's timeout (also outside a guard, e.g. the feature-gradient exchange in backward)."""
         try:
             if not self._polling():
                 return fn(*args, **kwargs)

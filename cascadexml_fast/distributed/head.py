@@ -13,9 +13,11 @@ are exactly the subtrees of the top level's even split. Shards may be empty (few
 Positions and ties. Every rank knows the global shortlist of a level, ids [B, K] laid out as in the single-process
 search (level 0: all nodes; level l: the children blocks of the previous level's beam, in beam order, each padded
 to max_children), so a candidate's global position is its column in that layout. A rank scores the entries it
-owns (the others are left out), takes its own top-k over them with positions in that global layout, and
-all-gathers (score, position) pairs; the merged top-k places the gathered pairs back at their global positions and
-applies the same `topk` op (ties to the lower position, NaN below -inf). The global top-k is contained in the
+owns (the others are left out; levels >= 1 with the block_score op over its whole children blocks, as the
+single-process search scores them), takes its own top-k over them with positions in that global layout, and the
+ranks exchange these (score, position) pairs (`distributed_topk`: an all-gather, or an all-to-all to each
+document's owner); the merge places the pairs back at their global positions and applies the same `topk` op
+(ties to the lower position, NaN below -inf). The global top-k is contained in the
 union of the ranks' local top-k, so every rank gets exactly the single-process beam, ties included. The last
 level's sigmoid is taken with the backend's own kernel (on CPU through the cascade_search op, whose std::exp
 sigmoid the single-process search uses), so final scores and ids match the single-process search bit for bit.
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
