@@ -6,9 +6,9 @@ only those rows (`weights[l]` is its [b_l[r+1] - b_l[r], D] slice). The tree arr
 permutation) are small and replicated. Boundary rule (`shard_boundaries`): level 0 is split evenly,
 b_0[r] = floor(r N_0 / R); a deeper level l starts from its even split t = floor(r N_l / R) and moves it to the
 nearest start of a children block of level l-1, i.e. the nearest value of offsets[l-1] (ties to the lower one),
-so that every shard of a deeper level is a run of whole children blocks (whole subtrees below the top level).
-On the trees LabelTree.build makes (balanced, power-of-two level sizes) with R a power of two, these boundaries
-are exactly the subtrees of the top level's even split. Shards may be empty (fewer nodes than ranks).
+so that every shard of a deeper level is a run of whole children blocks (no block is split between ranks). On
+the trees LabelTree.build makes (balanced, power-of-two level sizes) with R a power of two, the boundaries of
+consecutive levels line up, and each rank holds whole subtrees: those of its part of the top level (tested). Shards may be empty (fewer nodes than ranks).
 
 Positions and ties. Every rank knows the global shortlist of a level, ids [B, K] laid out as in the single-process
 search (level 0: all nodes; level l: the children blocks of the previous level's beam, in beam order, each padded
