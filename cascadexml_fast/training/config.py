@@ -83,7 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     log_every: int = 50
     feature_cache_dir: Optional[str] = None
-    embed_batch_size: int = 128
+    embed_batch_size: int = 64
     num_threads: Optional[int] = None
 
     def __post_init__(self):
