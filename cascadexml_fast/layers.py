@@ -115,6 +115,26 @@ class ShortlistedLinear(nn.Module):
         )
 
 
+def head_geometry(tree, dim, beams, combine):
+    """A head's tree as tensors plus its checked per-level settings: (offsets, perm, level sizes, dims, beams).
+    Shared by CascadeHead and the distributed ShardedCascadeHead."""
+    offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
+    perm = torch.as_tensor(tree.perm, dtype=torch.int64)
+    sizes = [int(offsets[0].numel()) - 1] + [int(o[-1]) for o in offsets] if offsets else [int(perm.numel())]
+    levels = len(sizes)
+    if sizes[-1] != perm.numel():
+        raise ValueError(f"the tree's last level has {sizes[-1]} nodes but its permutation {perm.numel()} labels")
+    dims = [int(dim)] * levels if isinstance(dim, int) else [int(d) for d in dim]
+    if len(dims) != levels:
+        raise ValueError(f"dim needs one entry per level ({levels}), got {len(dims)}")
+    beams = [int(b) for b in beams]
+    if len(beams) != levels - 1:
+        raise ValueError(f"beams needs one entry per level but the last ({levels - 1}), got {len(beams)}")
+    if combine not in ("leaf", "leaf_x_parent"):
+        raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+    return offsets, perm, sizes, dims, beams
+
+
 class CascadeHead(nn.Module):
     """Per-level label tables over a label tree, searched level by level (CascadeXML / LightXML inference).
 
@@ -142,20 +162,8 @@ class CascadeHead(nn.Module):
     def __init__(self, tree, dim, beams, *, combine: str = "leaf", bias: bool = True, sparse_grad: bool = False,
                  dtype=None, device=None):
         super().__init__()
-        offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
-        perm = torch.as_tensor(tree.perm, dtype=torch.int64)
-        sizes = [int(offsets[0].numel()) - 1] + [int(o[-1]) for o in offsets] if offsets else [int(perm.numel())]
+        offsets, perm, sizes, dims, beams = head_geometry(tree, dim, beams, combine)
         levels = len(sizes)
-        if sizes[-1] != perm.numel():
-            raise ValueError(f"the tree's last level has {sizes[-1]} nodes but its permutation {perm.numel()} labels")
-        dims = [int(dim)] * levels if isinstance(dim, int) else [int(d) for d in dim]
-        if len(dims) != levels:
-            raise ValueError(f"dim needs one entry per level ({levels}), got {len(dims)}")
-        beams = [int(b) for b in beams]
-        if len(beams) != levels - 1:
-            raise ValueError(f"beams needs one entry per level but the last ({levels - 1}), got {len(beams)}")
-        if combine not in ("leaf", "leaf_x_parent"):
-            raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
         self.level_sizes = sizes
         self.dims = dims
         self.beams = beams

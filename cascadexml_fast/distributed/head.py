@@ -40,7 +40,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layers import CascadeHead
+from ..layers import CascadeHead, head_geometry
 from ..ops import reference
 from ..ops.search import block_score_op, cascade_search_op, topk_op
 from ..ops.shortlist_bce import shortlist_bce
@@ -150,20 +150,7 @@ class ShardedCascadeHead(nn.Module):
                  sparse_grad: bool = False, dtype=None, device=None, boundaries=None, seed: int = 0,
                  topk_merge: str = "auto", _initialize: bool = True):
         super().__init__()
-        offsets = [torch.as_tensor(o, dtype=torch.int64) for o in tree.offsets]
-        perm = torch.as_tensor(tree.perm, dtype=torch.int64)
-        sizes = [int(offsets[0].numel()) - 1] + [int(o[-1]) for o in offsets] if offsets else [int(perm.numel())]
-        levels = len(sizes)
-        if sizes[-1] != perm.numel():
-            raise ValueError(f"the tree's last level has {sizes[-1]} nodes but its permutation {perm.numel()} labels")
-        dims = [int(dim)] * levels if isinstance(dim, int) else [int(d) for d in dim]
-        if len(dims) != levels:
-            raise ValueError(f"dim needs one entry per level ({levels}), got {len(dims)}")
-        beams = [int(b) for b in beams]
-        if len(beams) != levels - 1:
-            raise ValueError(f"beams needs one entry per level but the last ({levels - 1}), got {len(beams)}")
-        if combine not in ("leaf", "leaf_x_parent"):
-            raise ValueError(f"combine must be 'leaf' or 'leaf_x_parent', got {combine!r}")
+        offsets, perm, sizes, dims, beams = head_geometry(tree, dim, beams, combine)
         if topk_merge not in ("auto", "all_gather", "all_to_all"):
             raise ValueError(f"topk_merge must be 'auto', 'all_gather' or 'all_to_all', got {topk_merge!r}")
         self.comm = Comm(group)
