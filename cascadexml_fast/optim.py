@@ -62,6 +62,19 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
             return None
         return rows, _as_table(values)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that every state tensor keeps the dtype it was saved with: torch casts floating
+        state to its parameter's dtype, which would turn fp32 moments (and 8-bit state scales, row-wise
+        accumulators) of a bf16 table into bf16 and the float64 lr history of mode="exact" into the table's."""
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for param_id, p in zip(ids, params):
+            for key, value in saved.get(param_id, {}).items():
+                if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
 
 class SparseAdamW(_SparseRowOptimizer):
     """AdamW for tables (and biases) trained with row-sparse gradients (`sparse_grad=True` layers), fused per

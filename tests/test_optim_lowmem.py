@@ -10,6 +10,8 @@ TRITON_INTERPRET=1 on CPU). Tolerances:
 - sparse_adamw_step with stochastic rounding: bit-identical in lazy mode (the reference then follows the
   kernels' fp32 operation order); exact mode's catch-up differs in rounding (tests/test_optim.py tolerances).
 """
+import copy
+
 import pytest
 import torch
 
@@ -243,3 +245,40 @@ def test_stochastic_rounding_trains_where_round_to_nearest_stalls(opt_name):
     assert moved[False] == 0.0
     fp32_move = 150e-4 if opt_name == "adamw" else 1e-4 * 0.1 * sum(1 / (1 + 0.01 * t) ** 0.5 for t in range(1, 151))
     assert abs(moved[True] - fp32_move) < 0.25 * fp32_move, (moved, fp32_move)
+
+
+@pytest.mark.parametrize("make, dtype", [
+    (lambda ps: cx.SparseAdamW(ps, lr=0.05, weight_decay=0.1, mode="exact"), torch.float32),  # float64 lr history
+    (lambda ps: cx.SparseAdamW(ps, lr=0.05, weight_decay=0.1, stochastic_rounding=True), torch.bfloat16),
+    (lambda ps: cx.SparseAdamW(ps, lr=0.05, state_dtype=torch.uint8), torch.bfloat16),  # uint8 + fp32 scales
+    (lambda ps: cx.SparseRowwiseAdagrad(ps, lr=0.05), torch.bfloat16),  # fp32 accumulators
+], ids=["exact-fp32", "adamw-bf16-table", "adamw8bit-bf16-table", "rowwise-bf16-table"])
+def test_state_dict_round_trip_keeps_state_dtypes_and_continues_exactly(make, dtype):
+    """torch's load_state_dict casts floating state to the parameter's dtype; ours must keep the saved dtypes,
+    so that a reloaded optimizer continues bit-identically to one that was never saved."""
+    torch.manual_seed(0)
+    N, D, steps = 40, 16, 6
+    start = torch.randn(N, D).to(dtype)
+    grads = [torch.randn(N, D) for _ in range(steps)]
+    rows = [torch.randperm(N)[:9].sort().values for _ in range(steps)]
+
+    def run(p, opt, lo, hi):
+        for s in range(lo, hi):
+            p.grad = torch.sparse_coo_tensor(rows[s][None], grads[s][rows[s]].to(dtype), (N, D)).coalesce()
+            opt.step()
+
+    straight = torch.nn.Parameter(start.clone())
+    opt = make([straight])
+    run(straight, opt, 0, steps)
+
+    first = torch.nn.Parameter(start.clone())
+    opt1 = make([first])
+    run(first, opt1, 0, 3)
+    saved = copy.deepcopy(opt1.state_dict())
+    dtypes = {k: v.dtype for k, v in opt1.state[first].items() if torch.is_tensor(v)}
+    second = torch.nn.Parameter(first.detach().clone())
+    opt2 = make([second])
+    opt2.load_state_dict(saved)
+    assert {k: v.dtype for k, v in opt2.state[second].items() if torch.is_tensor(v)} == dtypes
+    run(second, opt2, 3, steps)
+    assert torch.equal(second.detach(), straight.detach())

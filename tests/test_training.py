@@ -140,6 +140,52 @@ def _tiny_model(**overrides):
     return CascadeXML(CascadeXMLConfig(**fields), tree)
 
 
+def test_epoch_order_grouped_by_length():
+    rng = np.random.default_rng(1)
+    n, batch = 1000, 8
+    lengths = rng.integers(3, 49, n)
+    order = epoch_order(5, 2, n, lengths, batch)
+    assert sorted(order) == list(range(n))  # a permutation
+    assert np.array_equal(order, epoch_order(5, 2, n, lengths, batch))
+    assert not np.array_equal(order, epoch_order(5, 3, n, lengths, batch))
+    full = order[: n // batch * batch].reshape(-1, batch)
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in full)  # each batch is a sorted run of one window
+    padded = lambda o: sum(lengths[o[i:i + batch]].max() * len(o[i:i + batch]) for i in range(0, n, batch))  # noqa
+    assert padded(order) < 0.7 * padded(epoch_order(5, 2, n))  # far less padding than plain shuffling
+    # the batches still come in random order: the mean length of consecutive batches is not sorted
+    means = lengths[full].mean(1)
+    assert not np.all(np.diff(means) >= 0)
+    with pytest.raises(ValueError, match="lengths"):
+        epoch_order(5, 2, n, lengths[:-1], batch)
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_order(5, 2, n, lengths, None)
+
+
+def test_precision_options_are_checked_and_applied(workdir, tmp_path):
+    with pytest.raises(ValueError, match="optimizer_state_dtype"):
+        tiny_config(workdir, tmp_path, head_optimizer="rowwise_adagrad", optimizer_state_dtype="uint8")
+    with pytest.raises(ValueError, match="table_dtype"):
+        tiny_config(workdir, tmp_path, table_dtype="float16")
+    with pytest.raises(ValueError, match="fp16"):
+        Trainer(tiny_config(workdir, tmp_path / "fp16", amp="fp16", device="cpu"), log=quiet,
+                progress=False).prepare()
+    trainer = Trainer(tiny_config(workdir, tmp_path / "run", freeze_encoder=True, epochs=3, checkpoint_every=0,
+                                  head_lr=0.1, **LOW_PRECISION_HEADS), log=quiet, progress=False).prepare()
+    assert all(w.dtype == torch.bfloat16 for w in trainer.model.head.weights)
+    assert all(b.dtype == torch.float32 for b in trainer.model.head.biases)
+    sparse = trainer.optimizers[-1]
+    assert type(sparse).__name__ == "SparseAdamW" and all(g["state_dtype"] == torch.uint8 and g["stochastic_rounding"]
+                                                           for g in sparse.param_groups)
+    trainer.train()
+    losses = [r["loss"] for r in read_log(tmp_path / "run", "train")]
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    assert trainer.amp.name == "none"  # "auto" on the CPU stays fp32
+    rowwise = Trainer(tiny_config(workdir, tmp_path / "rowwise", freeze_encoder=True, head_optimizer="rowwise_adagrad"),
+                      log=quiet, progress=False).prepare()
+    assert type(rowwise.optimizers[-1]).__name__ == "SparseRowwiseAdagrad"
+    assert all(g["weight_decay"] == 0.0 for g in rowwise.optimizers[-1].param_groups)
+
+
 def test_feature_cache_is_reused_and_invalidated(tmp_path):
     texts = ["alpha beta", "a much longer document about gamma delta and epsilon", "zeta", "eta theta iota"]
     model = _tiny_model()
@@ -187,21 +233,31 @@ def _assert_identical(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("freeze, stop_at", [(False, 8), (False, 14), (True, 11)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(workdir, tmp_path, freeze, stop_at):
+LOW_PRECISION_HEADS = dict(table_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="uint8")
+
+
+@pytest.mark.parametrize("freeze, stop_at, options", [
+    (False, 8, {}), (False, 14, {}), (True, 11, {}),
+    (False, 11, dict(group_by_length=True, amp="bf16")),  # CPU bf16 autocast, length-grouped batches
+    (True, 11, LOW_PRECISION_HEADS),  # bf16 tables (reloaded as fp32, cast back), 8-bit AdamW state
+    (True, 11, dict(table_dtype="bfloat16", head_optimizer="rowwise_adagrad")),
+], ids=["e2e-8", "e2e-14", "frozen-11", "e2e-bf16-grouped-11", "frozen-bf16-8bit-11", "frozen-rowwise-11"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(workdir, tmp_path, freeze, stop_at, options):
     """60 documents, batch 8: 8 steps per epoch (the last of 4), 2 epochs; checkpoints every 3 steps and at each
     epoch's end; the interrupted run stops at `stop_at` (after logging past its last checkpoint)."""
-    straight = Trainer(tiny_config(workdir, tmp_path / "straight", freeze_encoder=freeze), log=quiet, progress=False)
+    straight = Trainer(tiny_config(workdir, tmp_path / "straight", freeze_encoder=freeze, **options), log=quiet,
+                       progress=False)
     straight.prepare().train()
 
     interrupted_dir = tmp_path / "interrupted"
-    first = Trainer(tiny_config(workdir, interrupted_dir, freeze_encoder=freeze), log=quiet, progress=False)
+    first = Trainer(tiny_config(workdir, interrupted_dir, freeze_encoder=freeze, **options), log=quiet,
+                    progress=False)
     result = first.prepare().train(stop_after_steps=stop_at)
     assert result == dict(interrupted=True, global_step=stop_at)
     latest = ckpt.latest_checkpoint(interrupted_dir / "checkpoints")
     assert latest.name == ckpt.checkpoint_name(stop_at - stop_at % 3 if stop_at % 3 else stop_at)
     messages = []
-    resumed = Trainer(tiny_config(workdir, interrupted_dir, freeze_encoder=freeze), resume=True,
+    resumed = Trainer(tiny_config(workdir, interrupted_dir, freeze_encoder=freeze, **options), resume=True,
                       log=messages.append, progress=False)
     summary = resumed.prepare().train()
     assert any(m.startswith("resume: epoch") for m in messages)

@@ -80,6 +80,31 @@ def csr_rows(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> Tuple[to
     return torch.from_numpy(out_offsets), torch.from_numpy(np.ascontiguousarray(ids[gather]))
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The document order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+LENGTH_GROUP_BATCHES = 32  # batches per length-sorted window: little padding, batches still well mixed
+
+
+def epoch_order(seed: int, epoch: int, n: int, lengths: Optional[np.ndarray] = None,
+                batch_size: Optional[int] = None) -> np.ndarray:
+    """The document order of one epoch: a function of (seed, epoch) (and `lengths`) only, so a resumed run sees
+    the same.
+
+    With `lengths` (tokens per document) and `batch_size`: grouped by length. The shuffled order is cut into
+    windows of LENGTH_GROUP_BATCHES batches, each window is sorted by length (stable), the full batches of all
+    windows are shuffled again and the one partial batch (if any) goes last, so every batch holds documents of
+    similar length (less padding) while the batches of an epoch still come in random order."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    order = rng.permutation(n)
+    if lengths is None:
+        return order
+    lengths = np.asarray(lengths)
+    if lengths.shape != (n,):
+        raise ValueError(f"lengths must have one entry per document ({n}), got shape {lengths.shape}")
+    if batch_size is None or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 with lengths, got {batch_size!r}")
+    window = batch_size * LENGTH_GROUP_BATCHES
+    for start in range(0, n, window):
+        chunk = order[start:start + window]
+        order[start:start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    full = n // batch_size
+    batches = order[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), order[full * batch_size:]])

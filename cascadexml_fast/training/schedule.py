@@ -61,7 +61,7 @@ class Schedule:
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-                if beta1 is not None:
+                if beta1 is not None and "betas" in group:  # Adam's momentum cycles; AdaGrad has none
                     betas: Tuple[float, float] = group["betas"]
                     group["betas"] = (beta1, betas[1])
                 lrs[group.get("name", str(len(lrs)))] = group["lr"]
