@@ -48,7 +48,17 @@ from cascadexml_fast.data import LabelVocab, XMCData  # noqa: E402
 
 PROPENSITY_A, PROPENSITY_B = 0.55, 1.5
 METRIC_KEYS = ("P@1", "P@3", "P@5", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5")
-PARTS = ("baseline", "encoder", "demo", "cascadexml", "lightxml")
+# The demo (frozen encoder, heads on cached features) with the low-precision table options of the training-ops
+# issue: bf16 tables with stochastic rounding; 8-bit AdamW state; both (the 8.5 GiB configuration of a 2.81M x 768
+# table); bf16 tables with row-wise AdaGrad (the 6.6 GiB one). Only the label tables change: projections and the
+# biases keep fp32 AdamW.
+HEAD_VARIANTS = {
+    "demo-bf16-sr": dict(table_dtype="bfloat16", stochastic_rounding=True),
+    "demo-adamw8bit": dict(optimizer_state_dtype="uint8"),
+    "demo-bf16-sr-adamw8bit": dict(table_dtype="bfloat16", stochastic_rounding=True, optimizer_state_dtype="uint8"),
+    "demo-bf16-sr-rowwise": dict(table_dtype="bfloat16", stochastic_rounding=True, head_optimizer="rowwise_adagrad"),
+}
+PARTS = ("baseline", "encoder", "demo", *HEAD_VARIANTS, "cascadexml", "lightxml")
 BASELINES = ("omikuji-parabel", "omikuji-bonsai", "napkinxc-plt")
 
 TABLE_COLUMNS = ("method", "P@1", "P@3", "P@5", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "train_s",
@@ -294,21 +304,30 @@ def training_api():
 
 
 STAGES = ("model load", "features", "tree", "training", "evaluation", "checkpoints")
-MODEL_METHODS = {"demo": "cascadexml-frozen", "cascadexml": "cascadexml-finetune", "lightxml": "lightxml-finetune"}
+MODEL_METHODS = {"demo": "cascadexml-frozen", "cascadexml": "cascadexml-finetune", "lightxml": "lightxml-finetune",
+                 **{part: "cascadexml-frozen" + part[len("demo"):] for part in HEAD_VARIANTS}}
 
 
-def model_config(part: str, args, output_dir: Path, data_files: Optional[tuple] = None):
+def is_frozen(part: str) -> bool:
+    return part == "demo" or part in HEAD_VARIANTS
+
+
+def model_config(part: str, args, output_dir: Path, data_files: Optional[tuple] = None,
+                 n_labels: Optional[int] = None):
     """The TrainConfig of one neural row. All three start from the demo's settings (``training.demo``: MiniLM,
     max_length 48, mean pooling, one-cycle schedule, 5% of train carved out for epoch selection):
 
-    - demo: frozen encoder, heads trained on cached features (batch 256, head lr 4e-3, 6 epochs);
-    - cascadexml: fine-tuned end to end (encoder lr 1e-4, heads 1e-3, batch 64, 4 epochs), CascadeXML's recipe;
+    - demo: frozen encoder, heads trained on cached features (batch 256, head lr 0.1, no dropout, 5 epochs);
+    - demo-*: the demo with one of HEAD_VARIANTS' table options;
+    - cascadexml: fine-tuned end to end (encoder lr 1e-4, heads 2e-2, batch 64, 4 epochs; on a CPU bf16 autocast
+      and length-grouped batches), CascadeXML's recipe but for the head lr;
     - lightxml: the same optimiser settings as ``cascadexml`` with LightXML's model (concatenated last 5 layers,
       one 2^ceil(log2(L / 100))-cluster level, top-10 clusters, ranker width 300), so that only the model differs
       (not LightXML's constant-lr + SWA recipe).
 
     ``--subset N`` keeps the first N training and N // 4 test documents (the trainer's train_limit/test_limit);
-    the encoder features are cached inside the run folder, so the embedding time is always counted.
+    the encoder features are cached inside the run folder, so the embedding time is always counted, unless
+    ``--shared-feature-cache`` (the trainer's default cache: the head variants reuse the demo's features).
     ``data_files`` = (train, test) JSON-lines files replace WN-Nouns (other datasets, already cut to the subset).
     """
     import dataclasses
@@ -316,13 +335,21 @@ def model_config(part: str, args, output_dir: Path, data_files: Optional[tuple] 
     from cascadexml_fast.training.demo import demo_config
 
     config = demo_config(device=args.device, output_dir=str(output_dir), epochs=args.epochs,
-                         end_to_end=part != "demo", num_threads=args.threads)
-    changes = dict(feature_cache_dir=str(output_dir / "features"), seed=args.seed,
+                         end_to_end=not is_frozen(part), num_threads=args.threads)
+    changes = dict(feature_cache_dir=None if args.shared_feature_cache else str(output_dir / "features"),
+                   seed=args.seed, **HEAD_VARIANTS.get(part, {}),
                    train_limit=args.subset, test_limit=max(1, args.subset // 4) if args.subset else None)
     model = dict(config.model)
     if data_files is not None:  # the demo's beams fit WN-Nouns' two cluster levels; elsewhere the model's default
         changes.update(data=str(data_files[0]), test_data=str(data_files[1]), train_limit=None, test_limit=None)
         model.pop("beams", None)
+        if "dropouts" in model:  # one per level: the frozen demo's (equal) dropout on the dataset's own tree depth
+            from cascadexml_fast.training.trainer import default_level_sizes
+
+            if n_labels is None:
+                raise ValueError("model_config: n_labels is needed with data_files (the tree depth)")
+            levels = len(default_level_sizes(n_labels, "cascadexml")) + 1
+            model["dropouts"] = [model["dropouts"][-1]] * levels
     if part == "lightxml":
         model.pop("beams", None)
         changes.update(model_type="lightxml")
@@ -342,14 +369,43 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
-    """One neural row (``part`` in demo, cascadexml, lightxml) through ``cascadexml_fast.training``: train (the
-    whole job: encoder load, feature embedding for the frozen demo, tree, epochs, per-epoch evaluation on the
-    validation split, checkpoints), then load the best model and time text -> top-k on the test set, in batches
-    (``predict_texts``, all threads) and one text at a time (``model.predict(str)``, one thread)."""
+def score_model(model, test: XMCData, inv: np.ndarray, args, batch_size: int) -> Dict[str, Any]:
+    """Test-set metrics and inference times of a loaded model: the whole test set in batches (``predict_texts``,
+    all threads) and ``--model-latency-docs`` texts one at a time (``model.predict(str)``, one thread)."""
+    training = training_api()
+    # the model's label ids -> the harness's (the same names; a JSON-lines vocabulary may order them differently)
+    to_harness = np.asarray([test.vocab.index[name] for name in model.label_names], dtype=np.int64)
+    threads = args.threads or torch.get_num_threads()
+    with harness.num_threads(threads), Stopwatch() as batch_sw:
+        model_ids, _ = training.predict_texts(model, test.texts, k=args.k, batch_size=batch_size)
+    ids = np.where(model_ids >= 0, to_harness[np.maximum(model_ids, 0)], -1)
+    n_lat = min(args.model_latency_docs, test.n_docs)
+    with harness.num_threads(1):
+        one = time_latency(lambda text: model.predict(text, k=args.k), test.texts[:n_lat])
+    one_ids = np.stack([model.predict(t, k=args.k)[0] for t in test.texts[: min(20, test.n_docs)]])
+    one_ids = np.where(one_ids >= 0, to_harness[np.maximum(one_ids, 0)], -1)
+    return dict(**score(ids, test, inv), ms_doc_1t=round(one["wall"], 3), cpu_ms_doc_1t=round(one["cpu"], 3),
+                ms_doc_batch=round(batch_sw.wall_s * 1e3 / test.n_docs, 3),
+                cpu_ms_doc_batch=round(batch_sw.cpu_s * 1e3 / test.n_docs, 3), threads=threads, latency_docs=n_lat,
+                one_doc_matches_batch=bool(np.array_equal(one_ids, ids[: len(one_ids)])))
+
+
+def state_mb(model) -> float:
+    """Bytes of every parameter and buffer (the int8 model is never saved, so no file size)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / harness.MB
+
+
+def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> List[Dict[str, Any]]:
+    """The neural rows of ``part`` (demo, demo-*, cascadexml, lightxml) through ``cascadexml_fast.training``:
+    train (the whole job: encoder load, feature embedding for the frozen demo, tree, epochs, per-epoch evaluation
+    on the validation split, checkpoints), then load the best model and score it (``score_model``). With
+    ``--int8``: one more row for the same model after ``cascadexml_fast.quantize`` (int8 label tables)."""
+    import copy
     import shutil
 
     training = training_api()
+    from cascadexml_fast import quantize
     from cascadexml_fast.models import load_pretrained
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -361,7 +417,7 @@ def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -
         data_files = (run_dir / "data" / "train.jsonl", run_dir / "data" / "test.jsonl")
         for data, path in zip((train, test), data_files):
             write_jsonl(path, data)
-    config = model_config(part, args, run_dir, data_files)
+    config = model_config(part, args, run_dir, data_files, n_labels=train.n_labels)
     logs: List[str] = []
 
     def log(line: str) -> None:
@@ -375,42 +431,37 @@ def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -
     splits = trainer.splits
     if splits.test is None or splits.test.texts != test.texts:
         raise RuntimeError(f"{part}: the trainer's test documents differ from the harness's")
-    threads = args.threads or torch.get_num_threads()
     best = load_pretrained(summary["model_dir"], device=trainer.device)
-    # the model's label ids -> the harness's (the same names; a JSON-lines vocabulary may order them differently)
-    to_harness = np.asarray([test.vocab.index[name] for name in best.label_names], dtype=np.int64)
-    with harness.num_threads(threads), Stopwatch() as batch_sw:
-        model_ids, _ = training.predict_texts(best, test.texts, k=args.k, batch_size=config.eval_batch_size)
-    ids = np.where(model_ids >= 0, to_harness[np.maximum(model_ids, 0)], -1)
-    n_lat = min(args.model_latency_docs, test.n_docs)
-    with harness.num_threads(1):
-        one = time_latency(lambda text: best.predict(text, k=args.k), test.texts[:n_lat])
-    one_ids = np.stack([best.predict(t, k=args.k)[0] for t in test.texts[: min(20, test.n_docs)]])
-    one_ids = np.where(one_ids >= 0, to_harness[np.maximum(one_ids, 0)], -1)
     timings = {k: round(v, 2) for k, v in summary["timings"].items()}
     row = dict(
-        method=MODEL_METHODS[part], part=part, **score(ids, test, inv),
+        method=MODEL_METHODS[part], part=part, **score_model(best, test, inv, args, config.eval_batch_size),
         train_s=round(train_sw.wall_s, 2), train_cpu_s=round(train_sw.cpu_s, 2), timings=timings,
-        ms_doc_1t=round(one["wall"], 3), cpu_ms_doc_1t=round(one["cpu"], 3),
-        ms_doc_batch=round(batch_sw.wall_s * 1e3 / test.n_docs, 3),
-        cpu_ms_doc_batch=round(batch_sw.cpu_s * 1e3 / test.n_docs, 3),
         train_peak_mb=None if pm.extra_mb is None else round(pm.extra_mb, 1),
         model_mb=round(directory_bytes(Path(summary["model_dir"])) / harness.MB, 1),
-        threads=threads, latency_docs=n_lat, epochs=config.epochs, best_epoch=summary["best_epoch"],
+        epochs=config.epochs, best_epoch=summary["best_epoch"],
         selection_split=summary["selection_split"], train_docs_used=splits.train.n_docs,
         trainer_test_metrics={k: round(v, 2) for k, v in (summary.get("test_metrics") or {}).items()},
-        one_doc_matches_batch=bool(np.array_equal(one_ids, ids[: len(one_ids)])),
         settings=dict(train_config=config.to_dict(), model_config=best.config.to_dict(),
                       tree_level_sizes=[int(x) for x in best.tree.level_sizes]),
         device_used=str(trainer.device), loadavg=load_start, loadavg_end=harness.loadavg(), log=logs[-12:],
     )
     if trainer.device.type == "cuda":
         row["device"] = torch.cuda.get_device_name(trainer.device)
-    shutil.rmtree(run_dir / "features", ignore_errors=True)
-    return row
+    rows = [row]
+    if args.int8:
+        q = quantize(copy.deepcopy(best).cpu())
+        int8 = dict(method=row["method"] + "-int8", part=part, **score_model(q, test, inv, args,
+                                                                              config.eval_batch_size))
+        int8.update(state_mb=round(state_mb(q), 1), fp32_state_mb=round(state_mb(best), 1),
+                    vs_fp32={k: round(int8[k] - row[k], 2) for k in METRIC_KEYS},
+                    note=f"the {row['method']} model after cascadexml_fast.quantize (int8 label tables, per-row "
+                         "fp32 scales); training columns are the fp32 row's", loadavg=harness.loadavg())
+        rows.append(int8)
+    if not args.shared_feature_cache:
+        shutil.rmtree(run_dir / "features", ignore_errors=True)
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------------------- output
 def result_paths(out_dir: Path, name: str) -> Dict[str, Path]:
     return dict(json=out_dir / f"{name}.json", md=out_dir / f"{name}.md")
 
@@ -452,6 +503,27 @@ def render_md(name: str, payload: Dict[str, Any]) -> str:
                            train_docs=r.get("train_docs_used"), **{k: r["timings"].get(k) for k in STAGES},
                            device=r.get("device_used")) for r in neural]
         lines += [harness.format_table(stage_rows), ""]
+    variants = [r for r in payload["records"] if r.get("part") in HEAD_VARIANTS]
+    if variants:
+        base = next((r for r in payload["records"] if r.get("part") == "demo" and "vs_fp32" not in r), None)
+        lines += ["Low-precision label tables in training (`demo-*` parts: the demo's frozen-encoder head training "
+                  "with only the tables' dtype / optimizer changed; differences in points from the fp32 demo row"
+                  + (f" of {base.get('date')}" if base else "") + "):", ""]
+        for r in variants:
+            opts = HEAD_VARIANTS[r["part"]]
+            diff = ", ".join(f"{k} {r[k] - base[k]:+.2f}" for k in ("P@1", "P@5", "PSP@5")) if base else "n/a"
+            lines.append(f"- {r['method']} ({', '.join(f'{k}={v}' for k, v in opts.items())}): {diff}")
+        lines.append("")
+    quantized = [r for r in payload["records"] if r.get("vs_fp32")]
+    if quantized:
+        lines += ["int8 label tables at inference (`--int8`: the trained model after `cascadexml_fast.quantize`, "
+                  "per-row fp32 scales; points vs the same model in float):", ""]
+        for r in quantized:
+            d = r["vs_fp32"]
+            lines.append(f"- {r['method']}: P@1 {d['P@1']:+.2f}, P@3 {d['P@3']:+.2f}, P@5 {d['P@5']:+.2f}, "
+                         f"PSP@5 {d['PSP@5']:+.2f}; parameters + buffers {r.get('state_mb')} MB vs "
+                         f"{r.get('fp32_state_mb')} MB")
+        lines.append("")
     for r in payload["records"]:
         if r.get("error"):
             lines.append(f"- {r['method']}: {r['error']}")
@@ -539,6 +611,11 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto", help="neural models: auto (CUDA if present), cpu, cuda")
     ap.add_argument("--runs-dir", default=None,
                     help="where the neural runs write models and logs (default: <tmp>/cascadexml_fast_bench_accuracy)")
+    ap.add_argument("--int8", action="store_true",
+                    help="neural parts: also score the trained model with int8 label tables (cascadexml_fast.quantize)")
+    ap.add_argument("--shared-feature-cache", action="store_true",
+                    help="frozen parts: cache encoder features in the trainer's default cache (reused across runs "
+                         "and parts; the embedding time then shows only on a cache miss)")
     ap.add_argument("--encoder-lengths", default="32,48,64")
     ap.add_argument("--encoder-docs", type=int, default=2048)
     ap.add_argument("--encoder-bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -589,9 +666,9 @@ def main(argv=None) -> Dict[str, Any]:
             encoder.update(date=date, device=info["name"])
             print(json.dumps(encoder["token_lengths"]), json.dumps(encoder["single_doc"]), flush=True)
         else:
-            row = run_model(part, train, test, inv, args)
-            records.append(row)
-            print(format_rows([row]), flush=True)
+            rows = run_model(part, train, test, inv, args)
+            records += rows
+            print(format_rows(rows), flush=True)
     for r in records:
         r.setdefault("device", info["name"])
         r.setdefault("date", date)

