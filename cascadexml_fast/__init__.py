@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402  (defines the op schemas, fake impls and autograd)
 from . import _extension  # noqa: E402,F401  (attaches the C++ CPU kernels, or the reference fallback)
 from . import data, metrics  # noqa: E402
+from ._extension import set_cpu_isa  # noqa: E402
 from ._info import info  # noqa: E402
 from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
 from .ops.optim import sparse_adamw_step, sparse_rowwise_adagrad_step  # noqa: E402
@@ -49,6 +50,7 @@ __all__ = [
     "quantize",
     "quantize_table",
     "shortlist_bce",
+    "set_cpu_isa",
     "shortlist_score",
     "sparse_adamw_step",
     "sparse_rowwise_adagrad_step",

@@ -22,7 +22,7 @@ def info() -> Dict[str, Any]:
         "cpp_extension_error": _extension.load_error,
         "cpu_kernels": "C++/OpenMP" if ext is not None else "reference (plain PyTorch)",
         "cpu_isa": ext.cpu_isa() if ext is not None else None,
-        "cpu_int8_dot": ext.int8_dot_isa() if ext is not None and hasattr(ext, "int8_dot_isa") else None,
+        "cpu_isas_supported": list(_extension.supported_cpu_isas()),
         "compiler": ext.compiler() if ext is not None else None,
         "cuda_extension": importlib.util.find_spec("cascadexml_fast._C_cuda") is not None,
         "triton": None,

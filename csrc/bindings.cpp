@@ -1,9 +1,10 @@
 // Registers the CPU kernels with the `cascadexml_fast` torch library. The op schemas themselves are defined once,
 // in Python (cascadexml_fast/ops/_library.py), so that they exist even when this extension cannot be loaded; here
-// we only attach implementations. The module object is empty apart from two introspection helpers for info().
+// we only attach implementations. The module object only holds helpers for info() and for choosing the CPU vector path.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
 #include "cpu/loss.h"
 #include "cpu/optim.h"
 #include "cpu/search.h"
@@ -26,19 +27,7 @@ TORCH_LIBRARY_IMPL(cascadexml_fast, CPU, m) {
 
 namespace {
 
-// The clone the ifunc resolver picks for CXF_MULTIVERSION functions follows the same tests.
-const char* cpu_isa() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2+fma (x86-64-v3)";
-  return "baseline (x86-64)";
-#else
-  return "baseline (not multiversioned on this compiler/architecture)";
-#endif
-}
-
-PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu_isa()); }
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cxf::isa_name(cxf::active_isa())); }
 
 PyObject* py_compiler(PyObject*, PyObject*) {
 #if defined(__clang__)
@@ -50,25 +39,39 @@ PyObject* py_compiler(PyObject*, PyObject*) {
 #endif
 }
 
-PyObject* py_int8_dot_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cxf::int8_dot_isa()); }
-
-// Forces the int8 dot-product variant (tests cover every variant the CPU supports); "auto" restores the best.
-// Returns True when set, False when the CPU lacks it; ValueError for a name unknown to this build.
-PyObject* py_set_int8_dot_isa(PyObject*, PyObject* arg) {
+// Forces the vector path of every CPU kernel (int8 dot included): "avx512", "avx2", "scalar", or "auto" for the
+// CPU's best. Returns True when set, False when the CPU lacks it; ValueError for a name unknown to this build.
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8AndSize(arg, nullptr);  // in the limited API since 3.10
   if (name == nullptr) return nullptr;
-  const int status = cxf::set_int8_dot_isa(name);
+  const int status = cxf::set_cpu_isa(name);
   if (status < 0) {
-    PyErr_Format(PyExc_ValueError, "unknown int8 dot variant %s on this build (avx512, avx2, scalar, auto)", name);
+    PyErr_Format(PyExc_ValueError, "unknown CPU vector path %s (avx512, avx2, scalar, auto)", name);
     return nullptr;
   }
   return PyBool_FromLong(status);
 }
 
+PyObject* py_supported_isas(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  if (out == nullptr) return nullptr;
+  for (int isa : {cxf::kIsaAvx512, cxf::kIsaAvx2, cxf::kIsaScalar}) {
+    if (!cxf::isa_supported(isa)) continue;
+    PyObject* name = PyUnicode_FromString(cxf::isa_name(isa));
+    if (name == nullptr || PyList_Append(out, name) < 0) {
+      Py_XDECREF(name);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernel clones chosen at load time."},
-    {"int8_dot_isa", py_int8_dot_isa, METH_NOARGS, "The int8-table dot-product variant in use."},
-    {"_set_int8_dot_isa", py_set_int8_dot_isa, METH_O, "Force the int8 dot variant (tests): avx512, avx2, scalar, auto."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector path the CPU kernels run: avx512, avx2 or scalar."},
+    {"supported_isas", py_supported_isas, METH_NOARGS, "The vector paths this CPU and build support, best first."},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O, "Force the CPU kernels' vector path: avx512, avx2, scalar, auto."},
     {"compiler", py_compiler, METH_NOARGS, "Compiler that built the extension."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -20,3 +20,37 @@ def _seed():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+CPU_ISAS = ("avx512", "avx2", "scalar")
+
+
+def pytest_report_header(config):
+    """Which vector paths of the C++ CPU kernels this run covers (tests/test_cpu_isa.py and the int8 tests force
+    each one the CPU supports) and which it skips."""
+    from cascadexml_fast import _extension
+
+    if _extension.module is None:
+        return f"cascadexml_fast CPU vector paths: none (extension not loaded: {_extension.load_error})"
+    supported = _extension.supported_cpu_isas()
+    skipped = [name for name in CPU_ISAS if name not in supported]
+    return (f"cascadexml_fast CPU vector paths: default {_extension.module.cpu_isa()}; tested {', '.join(supported)}; "
+            f"skipped (this CPU lacks them): {', '.join(skipped) or 'none'}")
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Forces one vector path of the C++ CPU kernels (request.param: avx512, avx2 or scalar) for a test, skipping
+    where the CPU lacks it, then restores the CPU's best."""
+    import cascadexml_fast as cx
+    from cascadexml_fast import _extension
+
+    if _extension.module is None:
+        pytest.skip("the C++ extension is not loaded")
+    if request.param not in _extension.supported_cpu_isas():
+        pytest.skip(f"this CPU lacks the {request.param} path")
+    try:
+        assert cx.set_cpu_isa(request.param) == request.param
+        yield request.param
+    finally:
+        cx.set_cpu_isa("auto")

@@ -191,27 +191,9 @@ def test_block_score_int8_matches_dequantised_reference(B, C, nodes, D, x_dtype,
 INT8_VARIANTS = ["avx512", "avx2", "scalar"]
 
 
-@pytest.fixture
-def int8_variant(request):
-    """Forces one int8 dot variant of the C++ extension for a test (skips where the CPU lacks it), then restores
-    the load-time choice."""
-    from cascadexml_fast import _extension
-
-    ext = _extension.module
-    if ext is None:
-        pytest.skip("the C++ extension is not loaded")
-    if not ext._set_int8_dot_isa(request.param):
-        pytest.skip(f"this CPU lacks the {request.param} int8 path")
-    try:
-        assert ext.int8_dot_isa() == request.param
-        yield request.param
-    finally:
-        ext._set_int8_dot_isa("auto")
-
-
-@pytest.mark.parametrize("int8_variant", INT8_VARIANTS, indirect=True)
+@pytest.mark.parametrize("cpu_isa", INT8_VARIANTS, indirect=True)  # the conftest fixture forces the path
 @pytest.mark.parametrize("D", [1, 37, 64, 100, 768])  # tails of every length class, whole 64-lane blocks
-def test_every_int8_dot_variant_matches_reference(int8_variant, D):
+def test_every_int8_dot_variant_matches_reference(cpu_isa, D):
     gen = torch.Generator().manual_seed(D)
     N, B, K = 300, 5, 70
     q, scale, wd = int8_table(N, D, gen)
@@ -227,27 +209,28 @@ def test_every_int8_dot_variant_matches_reference(int8_variant, D):
 
 
 def test_avx512_and_avx2_int8_paths_are_bit_identical():
-    from cascadexml_fast import _extension
-
-    ext = _extension.module
-    if ext is None or not (ext._set_int8_dot_isa("avx512") and ext._set_int8_dot_isa("avx2")):
-        ext is not None and ext._set_int8_dot_isa("auto")
-        pytest.skip("needs a CPU with both the avx512 and the avx2 int8 paths")
+    supported = cx_extension().supported_cpu_isas()
+    if not {"avx512", "avx2"} <= set(supported):
+        pytest.skip("needs a CPU with both the avx512 and the avx2 paths")
     gen = torch.Generator().manual_seed(0)
     q, scale, _ = int8_table(200, 835, gen)  # 13 whole 64-lane blocks and a tail of 3
     x, idx = torch.randn(4, 835, generator=gen), make_ids(4, 90, 200, gen)
     outs = []
     try:
         for name in ("avx512", "avx2"):
-            ext._set_int8_dot_isa(name)
+            cx.set_cpu_isa(name)
             outs.append(cx.shortlist_score(x, q, None, idx, weight_scale=scale))
     finally:
-        ext._set_int8_dot_isa("auto")
+        cx.set_cpu_isa("auto")
     assert torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match="unknown int8 dot variant"):
-        ext._set_int8_dot_isa("neon")
-    assert cx.info()["cpu_int8_dot"] == ext.int8_dot_isa()
 
+
+def cx_extension():
+    from cascadexml_fast import _extension
+
+    if _extension.module is None:
+        pytest.skip("the C++ extension is not loaded")
+    return _extension
 
 # ---------------------------------------------------------------------------------------------------------------
 # cascade_search with int8 tables == cascade_search on the dequantised fp32 tables

@@ -2,7 +2,7 @@
 //
 // The generic loader path (vec.h dot<L>) vectorises int8 -> fp32 poorly (int8 -> int16 -> int32 chains) and ends
 // with a serial sum of its 32 lanes, which for a 768-byte int8 row costs as much as reading the row. Here each ISA
-// gets explicit code, picked once at load time (the CPU's best, or the one forced by set_int8_dot_isa for tests):
+// gets explicit code, following the kernels' active path (isa.h: the CPU's best, or the one set_cpu_isa forces):
 //
 //   avx512 (x86-64-v4)  4 zmm accumulators of 16 lanes: vpmovsxbd (16 int8 -> int32), vcvtdq2ps, vfmadd
 //   avx2   (x86-64-v3)  8 ymm accumulators of 8 lanes, the same 64 lanes and the same FMAs
@@ -12,6 +12,7 @@
 // (L[j] + L[j+16]) + (L[j+32] + L[j+48]), then halving (j + 8, j + 4, j + 2, j + 1); the D % 64 trailing elements
 // are summed in order and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the
 // rounding of the fused multiply-adds. Results never depend on the thread count.
+#include "cpu/isa.h"
 #include "cpu/vec.h"
 
 #include <string>
@@ -96,51 +97,18 @@ __attribute__((target("arch=x86-64-v3"))) float dot_i8_avx2(const float* __restr
 }
 #endif
 
-using DotI8 = float (*)(const float*, const int8_t*, int64_t);
-
-struct Variant {
-  const char* name;
-  DotI8 fn;
-  bool supported;
-};
-
-Variant variant(const std::string& name) {
-#ifdef CXF_X86_INT8
-  __builtin_cpu_init();
-  if (name == "avx512") return {"avx512", &dot_i8_avx512, bool(__builtin_cpu_supports("x86-64-v4"))};
-  if (name == "avx2") return {"avx2", &dot_i8_avx2, bool(__builtin_cpu_supports("x86-64-v3"))};
-#endif
-  if (name == "scalar") return {"scalar", &dot_i8_scalar, true};
-  return {nullptr, nullptr, false};
-}
-
-Variant best_variant() {
-  for (const char* name : {"avx512", "avx2"}) {
-    const Variant v = variant(name);
-    if (v.supported) return v;
-  }
-  return variant("scalar");
-}
-
-Variant active = best_variant();
-
 }  // namespace
 
-float dot_i8(const float* x, const int8_t* w, int64_t D) { return active.fn(x, w, D); }
-
-const char* int8_dot_isa() { return active.name; }
-
-int set_int8_dot_isa(const char* name) {
-  const std::string wanted = name ? name : "";
-  if (wanted == "auto" || wanted.empty()) {
-    active = best_variant();
-    return 1;
+// The path in use is the kernels' (isa.h): forcing a path with set_cpu_isa switches this dot too.
+float dot_i8(const float* x, const int8_t* w, int64_t D) {
+#ifdef CXF_X86_INT8
+  switch (active_isa()) {
+    case kIsaAvx512: return dot_i8_avx512(x, w, D);
+    case kIsaAvx2: return dot_i8_avx2(x, w, D);
+    default: break;
   }
-  const Variant v = variant(wanted);
-  if (v.fn == nullptr) return -1;  // unknown on this build
-  if (!v.supported) return 0;      // this CPU lacks it
-  active = v;
-  return 1;
+#endif
+  return dot_i8_scalar(x, w, D);
 }
 
 }  // namespace cxf

@@ -54,8 +54,8 @@ inline float row_score(const float* x, const typename L::T* row, int64_t D, cons
 
 // scores[j] = <x, W[start + j]> (* scale) (+ bias) for j < n: one contiguous block of rows.
 template <class L>
-CXF_MULTIVERSION void score_block(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
-                                  const float* bias, const float* scale, float* out) {
+CXF_KERNEL void score_block_kernel(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
+                                   const float* bias, const float* scale, float* out) {
   const typename L::T* row = W + start * D;
   for (int64_t j = 0; j < n; ++j, row += D)
     out[j] = row_score<L>(x, row, D, scale, start + j) + (bias ? bias[start + j] : 0.f);
@@ -67,15 +67,16 @@ using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_
 template <class L>
 void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, const float* bias,
                         const float* scale, float* out) {
-  score_block<L>(x, static_cast<const typename L::T*>(W), D, start, n, bias, scale, out);
+  const auto* w = static_cast<const typename L::T*>(W);
+  with_isa([&] { score_block_kernel<L>(x, w, D, start, n, bias, scale, out); });
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
 // are the outer loop, so each row is read from memory once and reused from L1 by every document.
 template <class L>
-CXF_MULTIVERSION void score_block_docs(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
-                                       int64_t m, const typename L::T* W, int64_t start, int64_t n,
-                                       const float* bias, const float* scale, float* out) {
+CXF_KERNEL void score_block_docs_kernel(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
+                                        int64_t m, const typename L::T* W, int64_t start, int64_t n,
+                                        const float* bias, const float* scale, float* out) {
   const typename L::T* row = W + start * D;
   for (int64_t j = 0; j < n; ++j, row += D) {
     const float b = bias ? bias[start + j] : 0.f;
@@ -90,7 +91,8 @@ template <class L>
 void score_block_docs_erased(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
                              const void* W, int64_t start, int64_t n, const float* bias, const float* scale,
                              float* out) {
-  score_block_docs<L>(X, D, doc, out_base, m, static_cast<const typename L::T*>(W), start, n, bias, scale, out);
+  const auto* w = static_cast<const typename L::T*>(W);
+  with_isa([&] { score_block_docs_kernel<L>(X, D, doc, out_base, m, w, start, n, bias, scale, out); });
 }
 
 // One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype (and the

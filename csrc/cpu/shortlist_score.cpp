@@ -34,8 +34,8 @@ constexpr int64_t kPrefetchAhead = 2;  // rows prefetched ahead in a shortlist
 
 // scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr.
 template <class L, class I>
-CXF_MULTIVERSION void score_ids(const typename L::A* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
-                                const float* scale, typename L::A* out) {
+CXF_KERNEL void score_ids_kernel(const typename L::A* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
+                                 const float* scale, typename L::A* out) {
   using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < n; ++k) {
@@ -64,7 +64,7 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, k0 = (t % blocks) * kIdsPerTask, n = std::min(kIdsPerTask, K - k0);
-      score_ids<L, I>(x + b * D, w, D, ids + b * K + k0, n, scale, o + b * K + k0);
+      with_isa([&] { score_ids_kernel<L, I>(x + b * D, w, D, ids + b * K + k0, n, scale, o + b * K + k0); });
     }
   });
 }
@@ -107,8 +107,8 @@ void dispatch_table_and_ids(const at::Tensor& W, const at::Tensor& idx, Fn&& fn)
 // grad_input
 
 template <class L, class I>
-CXF_MULTIVERSION void accumulate_rows(const typename L::A* g, const typename L::T* W, int64_t D, int64_t d0,
-                                      int64_t dn, const I* ids, int64_t K, const float* scale, typename L::A* dx) {
+CXF_KERNEL void accumulate_rows_kernel(const typename L::A* g, const typename L::T* W, int64_t D, int64_t d0,
+                                       int64_t dn, const I* ids, int64_t K, const float* scale, typename L::A* dx) {
   using A = typename L::A;
   const int64_t chunk_bytes = dn * int64_t(sizeof(typename L::T));
   for (int64_t k = 0; k < K; ++k) {
@@ -131,7 +131,9 @@ void grad_input_impl(const at::Tensor& g, const at::Tensor& W, const at::Tensor&
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks, d0 = (t % chunks) * kDimsPerTask, dn = std::min(kDimsPerTask, D - d0);
-      accumulate_rows<L, I>(gp + b * K, w, D, d0, dn, ids + b * K, K, scale, out + b * D + d0);
+      with_isa([&] {
+        accumulate_rows_kernel<L, I>(gp + b * K, w, D, d0, dn, ids + b * K, K, scale, out + b * D + d0);
+      });
     }
   });
 }
@@ -194,9 +196,9 @@ RowSegments group_by_row(const I* ids, int64_t n, int64_t num_rows) {
 }
 
 template <class L>
-CXF_MULTIVERSION void reduce_segment(const int64_t* order, int64_t count, const typename L::A* g,
-                                     const typename L::A* x, int64_t K, int64_t D, typename L::A* dw_row,
-                                     typename L::A* db) {
+CXF_KERNEL void reduce_segment_kernel(const int64_t* order, int64_t count, const typename L::A* g,
+                                      const typename L::A* x, int64_t K, int64_t D, typename L::A* dw_row,
+                                      typename L::A* db) {
   // The first entry is stored, not added, so the output rows need no zero-fill (count >= 1 always).
   const int64_t first = order[0];
   typename L::A bias_sum = g[first];
@@ -231,8 +233,9 @@ void reduce_segments(const RowSegments& seg, const at::Tensor& g, const at::Tens
         acc = out_rows + s * D;
       else
         acc = scratch.data();
-      reduce_segment<L>(seg.order.data() + seg.starts[u], seg.starts[u + 1] - seg.starts[u], gp, x, K, D, acc,
-                        out_bias + s);
+      const int64_t* order = seg.order.data() + seg.starts[u];
+      const int64_t count = seg.starts[u + 1] - seg.starts[u];
+      with_isa([&] { reduce_segment_kernel<L>(order, count, gp, x, K, D, acc, out_bias + s); });
       if constexpr (!std::is_same_v<S, A>) {
         S* out = out_rows + s * D;
         for (int64_t i = 0; i < D; ++i) out[i] = static_cast<S>(static_cast<float>(acc[i]));

@@ -1,18 +1,14 @@
 // Element loaders and vectorisable inner loops shared by the CPU kernels.
 //
-// One portable build: hot functions carry CXF_MULTIVERSION, which makes GCC emit an AVX-512 (x86-64-v4), an
-// AVX2+FMA (x86-64-v3) and a baseline clone and pick one at load time (ifunc). The inline helpers below have no
-// target of their own, so they are inlined into (and vectorised for) whichever clone calls them.
+// One portable build: the hot kernels are CXF_KERNEL templates called through with_isa() (isa.h), which compiles
+// them for AVX-512, AVX2+FMA and the baseline and runs the active path. The inline helpers below have no target of
+// their own, so they are inlined into (and vectorised for) whichever path calls them.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CXF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CXF_MULTIVERSION
-#endif
+#include "cpu/isa.h"
 
 namespace cxf {
 
@@ -95,9 +91,7 @@ inline typename L::A dot(const typename L::A* __restrict x, const typename L::T*
 
 // int8 rows: explicit AVX-512 / AVX2 / scalar code picked at load time (csrc/cpu/int8_dot.cpp), not the generic
 // loop above, whose int8 widening and serial lane sum would make the int8 kernels compute-bound.
-float dot_i8(const float* x, const int8_t* w, int64_t D);
-const char* int8_dot_isa();                 // "avx512", "avx2" or "scalar": the variant in use
-int set_int8_dot_isa(const char* name);     // "auto" or a variant: 1 = set, 0 = CPU lacks it, -1 = unknown here
+float dot_i8(const float* x, const int8_t* w, int64_t D);  // the active path's variant (isa.h)
 
 template <>
 inline float dot<I8>(const float* __restrict x, const int8_t* __restrict w, int64_t D) {

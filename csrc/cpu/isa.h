@@ -1,0 +1,49 @@
+// Which vector code path the CPU kernels run: AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) or baseline ("scalar":
+// whatever the compiler's default target vectorises, SSE2 on x86-64), chosen at run time with one portable build.
+//
+// The best path the CPU supports is picked when the library loads; set_cpu_isa() forces another one (the
+// CASCADEXML_FAST_CPU_ISA environment variable, read by the Python package at import, and the tests, which run
+// every path this CPU supports). A hot kernel is written once as an always-inline template and called through
+// with_isa(): each path is a flatten-ed wrapper with its own target attribute, so the whole kernel is inlined
+// into it and vectorised for that instruction set. The dispatch is one load and a switch per kernel call (a
+// block of rows), not per element.
+#pragma once
+
+namespace cxf {
+
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+
+extern int g_active_isa;  // the path in use (an Isa value); written only by set_cpu_isa
+
+inline int active_isa() { return g_active_isa; }
+const char* isa_name(int isa);          // "scalar", "avx2", "avx512"
+bool isa_supported(int isa);            // by this CPU and this build
+int best_isa();                         // the best supported path
+int set_cpu_isa(const char* name);      // "auto" or a path name: 1 = set, 0 = CPU lacks it, -1 = unknown name
+
+#define CXF_KERNEL __attribute__((always_inline)) inline
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CXF_X86_PATHS 1
+template <class F>
+__attribute__((target("arch=x86-64-v4"), flatten)) void run_avx512(const F& f) { f(); }
+template <class F>
+__attribute__((target("arch=x86-64-v3"), flatten)) void run_avx2(const F& f) { f(); }
+#endif
+template <class F>
+__attribute__((flatten)) void run_scalar(const F& f) { f(); }
+
+// Runs f() (a lambda calling CXF_KERNEL code) compiled for the active path.
+template <class F>
+inline void with_isa(const F& f) {
+#ifdef CXF_X86_PATHS
+  switch (g_active_isa) {
+    case kIsaAvx512: run_avx512(f); return;
+    case kIsaAvx2: run_avx2(f); return;
+    default: break;
+  }
+#endif
+  run_scalar(f);
+}
+
+}  // namespace cxf

@@ -1,0 +1,125 @@
+"""Every vector path of the C++ CPU kernels (avx512, avx2, scalar), forced with cascadexml_fast.set_cpu_isa (the
+conftest `cpu_isa` fixture), against the reference: shortlist_score forward and gradients, block_score and
+cascade_search, on every table dtype. Paths this CPU lacks are skipped (the pytest header lists them), so CI on
+any x86 machine covers what it can run. Also CASCADEXML_FAST_CPU_ISA at import, and bad names."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cascadexml_fast as cx
+from cascadexml_fast import _extension
+from cascadexml_fast.ops import reference
+from conftest import CPU_ISAS
+from test_search import random_cascade, random_offsets
+from test_shortlist_score import GRAD_TOL, STORAGE, TOL, assert_scores_equal, make_inputs
+
+OPS = torch.ops.cascadexml_fast
+# D: below one 32-lane block, whole blocks, and a ragged tail after several blocks
+DIMS = [5, 64, 77]
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("w_dtype", STORAGE)
+@pytest.mark.parametrize("D", DIMS)
+def test_shortlist_score_and_gradients_on_every_path(cpu_isa, w_dtype, D):
+    gen = torch.Generator().manual_seed(D)
+    N, B, K = 90, 6, 40
+    x, w, b, idx = make_inputs(B, K, D, N, x_dtype=w_dtype, w_dtype=w_dtype, generator=gen)
+    assert cx.info()["cpu_isa"] == cpu_isa
+    assert_scores_equal(OPS.shortlist_score(x, w, b, idx), reference.shortlist_score(x, w, b, idx))
+    grad = torch.randn(B, K, generator=gen)
+    torch.testing.assert_close(OPS.shortlist_score_grad_input(grad, w, idx),
+                               reference.shortlist_score_grad_input(grad, w, idx), **GRAD_TOL[w_dtype])
+    dw, db = OPS.shortlist_score_grad_weight(grad, x, idx, N)
+    ref_dw, ref_db = reference.shortlist_score_grad_weight(grad, x, idx, N)
+    torch.testing.assert_close(dw, ref_dw, **GRAD_TOL[w_dtype])
+    torch.testing.assert_close(db, ref_db, **TOL)
+    rows, rows_w, rows_b = OPS.shortlist_score_grad_weight_rows(grad, x, idx)
+    ref_rows, ref_rows_w, ref_rows_b = reference.shortlist_score_grad_weight_rows(grad, x, idx)
+    assert torch.equal(rows, ref_rows)
+    torch.testing.assert_close(rows_w, ref_rows_w, **GRAD_TOL[w_dtype])
+    torch.testing.assert_close(rows_b, ref_rows_b, **TOL)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("w_dtype", STORAGE)
+def test_block_score_and_cascade_search_on_every_path(cpu_isa, w_dtype):
+    gen = torch.Generator().manual_seed(3)
+    N, D, B = 120, 77, 5
+    x, w = torch.randn(B, D, generator=gen), torch.randn(N, D, generator=gen).to(w_dtype)
+    b = torch.randn(N, generator=gen)
+    offsets = random_offsets(30, N, gen)
+    clusters = torch.randint(-1, 30, (B, 4), generator=gen)
+    width = int((offsets[1:] - offsets[:-1]).max())
+    scores, ids = cx.block_score(x, w, b, clusters, offsets)
+    ref_scores, ref_ids = reference.block_score(x, w, b, clusters, offsets, width)
+    assert torch.equal(ids, ref_ids)
+    assert_scores_equal(scores, ref_scores)
+    # integer-valued tables and features: exact dot products, so the ids must match the reference exactly, both on
+    # the per-document path (B < 8) and on the batched one (B >= 8) that groups documents by block
+    sizes, dims = [6, 25, 90, 300], [7, 40, 6, 77]
+    for batch in (3, 12):
+        features, weights, biases, offs = random_cascade(sizes, dims, batch, gen, dtype=w_dtype)
+        got = cx.cascade_search(features, weights, biases, offs, [3, 5, 9], 10, "leaf_x_parent")
+        want = reference.cascade_search(features, weights, biases, offs, [3, 5, 9], 10, "leaf_x_parent")
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+def test_paths_agree_with_each_other_within_fma_rounding():
+    """The same op on every supported path: equal up to the fused multiply-adds' rounding (avx2 and avx512 use
+    FMA, scalar does not), so well within TOL; avx2 and avx512 bit for bit."""
+    supported = _extension.supported_cpu_isas()
+    if len(supported) < 2:
+        pytest.skip(f"only one vector path here ({', '.join(supported) or 'no extension'})")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, idx = make_inputs(4, 300, 768, 500, generator=gen)
+    outs = {}
+    try:
+        for name in supported:
+            cx.set_cpu_isa(name)
+            outs[name] = OPS.shortlist_score(x, w, b, idx)
+    finally:
+        cx.set_cpu_isa("auto")
+    first = outs[supported[0]]
+    for name, out in outs.items():
+        assert_scores_equal(out, first)
+    if {"avx512", "avx2"} <= set(outs):  # the same 32 lanes and FMAs: bit-identical
+        assert torch.equal(outs["avx512"], outs["avx2"])
+    if "scalar" in outs:  # no FMA on the baseline: some last bits differ, which shows the path really switched
+        assert not torch.equal(outs["scalar"], first)
+
+
+def test_set_cpu_isa_errors_and_auto():
+    if _extension.module is None:
+        pytest.skip("the C++ extension is not loaded")
+    best = _extension.supported_cpu_isas()[0]
+    assert cx.set_cpu_isa("auto") == best == cx.info()["cpu_isa"]
+    assert cx.info()["cpu_isas_supported"] == list(_extension.supported_cpu_isas())
+    with pytest.raises(ValueError, match="name must be one of"):
+        cx.set_cpu_isa("neon")
+    lacking = [name for name in CPU_ISAS if name not in _extension.supported_cpu_isas()]
+    if lacking:
+        with pytest.raises(RuntimeError, match="does not support"):
+            cx.set_cpu_isa(lacking[0])
+    assert cx.info()["cpu_isa"] == best  # a refused request changes nothing
+
+
+def _isa_at_import(value):
+    env = dict(os.environ, CASCADEXML_FAST_CPU_ISA=value)
+    code = "import warnings, cascadexml_fast as cx; print(cx.info()['cpu_isa'])"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip(), out.stderr
+
+
+def test_environment_variable_forces_the_path_at_import():
+    if _extension.module is None:
+        pytest.skip("the C++ extension is not loaded")
+    assert _isa_at_import("scalar")[0] == "scalar"
+    chosen, err = _isa_at_import("sve")  # unknown: a warning, and the CPU's best
+    assert chosen == _extension.supported_cpu_isas()[0] and "CASCADEXML_FAST_CPU_ISA='sve' ignored" in err
