@@ -369,13 +369,22 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def score_model(model, test: XMCData, inv: np.ndarray, args, batch_size: int) -> Dict[str, Any]:
+def score_model(model, test: XMCData, inv: np.ndarray, args, batch_size: int, features=None) -> Dict[str, Any]:
     """Test-set metrics and inference times of a loaded model: the whole test set in batches (``predict_texts``,
-    all threads) and ``--model-latency-docs`` texts one at a time (``model.predict(str)``, one thread)."""
+    all threads) and ``--model-latency-docs`` texts one at a time (``model.predict(str)``, one thread).
+
+    ``features``: the test set's cached encoder features (frozen-encoder rows): score from them instead, without
+    timing (the head variants and int8 copies of a frozen model, whose encoder is the demo's: its ms/doc are the
+    demo row's)."""
     training = training_api()
     # the model's label ids -> the harness's (the same names; a JSON-lines vocabulary may order them differently)
     to_harness = np.asarray([test.vocab.index[name] for name in model.label_names], dtype=np.int64)
     threads = args.threads or torch.get_num_threads()
+    if features is not None:
+        with harness.num_threads(threads):
+            model_ids, _ = training.predict_features(model, features, k=args.k)
+        ids = np.where(model_ids >= 0, to_harness[np.maximum(model_ids, 0)], -1)
+        return dict(**score(ids, test, inv), scored_from="cached test features (no timing)", threads=threads)
     with harness.num_threads(threads), Stopwatch() as batch_sw:
         model_ids, _ = training.predict_texts(model, test.texts, k=args.k, batch_size=batch_size)
     ids = np.where(model_ids >= 0, to_harness[np.maximum(model_ids, 0)], -1)
@@ -433,8 +442,11 @@ def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -
         raise RuntimeError(f"{part}: the trainer's test documents differ from the harness's")
     best = load_pretrained(summary["model_dir"], device=trainer.device)
     timings = {k: round(v, 2) for k, v in summary["timings"].items()}
+    test_features = trainer.features.get("test") if config.freeze_encoder else None
     row = dict(
-        method=MODEL_METHODS[part], part=part, **score_model(best, test, inv, args, config.eval_batch_size),
+        method=MODEL_METHODS[part], part=part,
+        **score_model(best, test, inv, args, config.eval_batch_size,
+                      features=test_features if part in HEAD_VARIANTS else None),
         train_s=round(train_sw.wall_s, 2), train_cpu_s=round(train_sw.cpu_s, 2), timings=timings,
         train_peak_mb=None if pm.extra_mb is None else round(pm.extra_mb, 1),
         model_mb=round(directory_bytes(Path(summary["model_dir"])) / harness.MB, 1),
@@ -450,8 +462,8 @@ def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -
     rows = [row]
     if args.int8:
         q = quantize(copy.deepcopy(best).cpu())
-        int8 = dict(method=row["method"] + "-int8", part=part, **score_model(q, test, inv, args,
-                                                                              config.eval_batch_size))
+        int8 = dict(method=row["method"] + "-int8", part=part,
+                    **score_model(q, test, inv, args, config.eval_batch_size, features=test_features))
         int8.update(state_mb=round(state_mb(q), 1), fp32_state_mb=round(state_mb(best), 1),
                     vs_fp32={k: round(int8[k] - row[k], 2) for k in METRIC_KEYS},
                     note=f"the {row['method']} model after cascadexml_fast.quantize (int8 label tables, per-row "
