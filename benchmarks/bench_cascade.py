@@ -86,7 +86,7 @@ def plan(device: str, preset: str) -> List[Case]:
     for dt in ("fp32", "bf16"):
         cases += [Case("670k", 1, dt, 1, frd), Case("670k", 32, dt, None, frd),
                   Case("670k", 256, dt, None, ("fused", "reference"))]  # dense at B=256: ~4-11 s a call on 2 cores
-    cases += [Case("670k", 1, INT8, 1, ("fused", "reference"))]
+    cases += [Case("670k", 1, INT8, 1, ("fused", "reference")), Case("670k", 256, INT8, None, ("fused", "reference"))]
     return cases
 
 
