@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/checks.h"
 #include "cpu/optim.h"
 #include "cpu/sr.h"
 
@@ -91,18 +92,9 @@ void sparse_adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& exp_av
                 "8-bit state scales must be contiguous float32 tensors of shape [", N, ", ", nb,
                 "] (one per block of 256 elements of a row), got ", scales->scalar_type(), " ", scales->sizes());
   }
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
-  const int64_t U = rows.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
-              "] (one row per id in rows), got ", grad.sizes());
-  TORCH_CHECK(step >= 1, "step must be >= 1 (1-based), got ", step);
-  const auto ids = rows.contiguous();
+  const auto ids = check_sparse_rows(rows, grad, N, D, step);
+  const int64_t U = ids.size(0);
   const int64_t* r = ids.data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
-    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
-                "] = ", r[u], " follows ", r[u - 1]);
-  }
   const float b1 = float(beta1), b2 = float(beta2);
   const Hyper8 h{b1, b2, 1.f - b1, 1.f - b2, float(eps), float(1.0 - lr * weight_decay),
                  float(lr / (1.0 - std::pow(beta1, double(step)))),

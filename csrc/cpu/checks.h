@@ -32,6 +32,26 @@ inline void check_ids_in_range(const at::Tensor& idx, int64_t num_rows) {
 
 inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The touched rows of a sparse optimizer step: rows 1-D int64, unique, ascending and in [0, N) (a coalesced
+// gradient), grad [U, D] with one row per id, step >= min_step (AdamW's bias correction counts from 1; row-wise
+// AdaGrad only seeds its rounding with it). Returns rows made contiguous (its data is read by the caller).
+inline at::Tensor check_sparse_rows(const at::Tensor& rows, const at::Tensor& grad, int64_t N, int64_t D,
+                                    int64_t step, int64_t min_step = 1) {
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
+  const int64_t U = rows.size(0);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
+              "] (one row per id in rows), got ", grad.sizes());
+  TORCH_CHECK(step >= min_step, "step must be >= ", min_step, min_step == 1 ? " (1-based)" : "", ", got ", step);
+  auto ids = rows.contiguous();
+  const int64_t* r = ids.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) {
+    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
+    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
+                "] = ", r[u], " follows ", r[u - 1]);
+  }
+  return ids;
+}
+
 // An int8 table (inference) comes with its per-row fp32 scales [N]; a float table takes none.
 inline void check_weight_scale(const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                                const char* weight_name = "weight", const char* scale_name = "weight_scale") {

@@ -117,18 +117,10 @@ void sparse_adamw_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg, c
                 "optimizer state must be float32 or bfloat16, got ", state->scalar_type());
   }
   TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "exp_avg and exp_avg_sq must share a dtype");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
-  const int64_t U = rows.size(0), N = param.size(0), D = param.size(1);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
-              "] (one row per id in rows), got ", grad.sizes());
-  TORCH_CHECK(step >= 1, "step must be >= 1 (1-based), got ", step);
-  const auto ids = rows.contiguous();
+  const int64_t N = param.size(0), D = param.size(1);
+  const auto ids = check_sparse_rows(rows, grad, N, D, step);
+  const int64_t U = ids.size(0);
   const int64_t* r = ids.data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
-    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
-                "] = ", r[u], " follows ", r[u - 1]);
-  }
   const bool exact = last_step.has_value() && last_step->defined();
   Schedule sched;
   const int64_t* last = nullptr;

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "cpu/checks.h"
 #include "cpu/optim.h"
 #include "cpu/sr.h"
 
@@ -25,17 +26,9 @@ void sparse_rowwise_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& 
                   state_sum.is_contiguous(),
               "state_sum must be a contiguous float32 tensor of ", N, " entries (one per row of param), got ",
               state_sum.scalar_type(), " of shape ", state_sum.sizes());
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "rows must be a 1-D int64 tensor");
-  const int64_t U = rows.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == U && grad.size(1) == D, "grad must have shape [", U, ", ", D,
-              "] (one row per id in rows), got ", grad.sizes());
-  const auto ids = rows.contiguous();
+  const auto ids = check_sparse_rows(rows, grad, N, D, step, /*min_step=*/0);
+  const int64_t U = ids.size(0);
   const int64_t* r = ids.data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK_INDEX(r[u] >= 0 && r[u] < N, "rows[", u, "] = ", r[u], " is out of range [0, ", N, ")");
-    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "rows must be unique and ascending (a coalesced gradient); rows[", u,
-                "] = ", r[u], " follows ", r[u - 1]);
-  }
   const auto g = grad.to(at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
   float* G = state_sum.data_ptr<float>();
