@@ -180,10 +180,14 @@ def test_precision_options_are_checked_and_applied(workdir, tmp_path):
     losses = [r["loss"] for r in read_log(tmp_path / "run", "train")]
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
     assert trainer.amp.name == "none"  # "auto" on the CPU stays fp32
-    rowwise = Trainer(tiny_config(workdir, tmp_path / "rowwise", freeze_encoder=True, head_optimizer="rowwise_adagrad"),
-                      log=quiet, progress=False).prepare()
+    rowwise = Trainer(tiny_config(workdir, tmp_path / "rowwise", freeze_encoder=True, head_optimizer="rowwise_adagrad",
+                                  table_lr=0.5), log=quiet, progress=False).prepare()
     assert type(rowwise.optimizers[-1]).__name__ == "SparseRowwiseAdagrad"
-    assert all(g["weight_decay"] == 0.0 for g in rowwise.optimizers[-1].param_groups)
+    assert all(g["weight_decay"] == 0.0 and g["base_lr"] == 0.5 for g in rowwise.optimizers[-1].param_groups)
+    for dense in rowwise.optimizers[:-1]:  # the projections (where there are any) keep head_lr
+        assert all(g["base_lr"] == 1e-2 for g in dense.param_groups)
+    with pytest.raises(ValueError, match="table_lr"):
+        tiny_config(workdir, tmp_path, table_lr=-1.0)
 
 
 def test_feature_cache_is_reused_and_invalidated(tmp_path):

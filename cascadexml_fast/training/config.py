@@ -51,6 +51,7 @@ class TrainConfig:
         1e-4 / 1e-3, 0.05 / 0.005; biases and LayerNorm weights get no decay).
     table_dtype: dtype of the label tables (the row-sparse "tables" / "label_embedding" groups): "float32" or
         "bfloat16" (half the memory; pair it with stochastic_rounding). Biases and the encoder stay fp32.
+    table_lr: learning rate of the row-sparse groups (label tables and their biases); default head_lr.
     head_optimizer: the optimizer of the row-sparse groups: "adamw" (cascadexml_fast.SparseAdamW) or
         "rowwise_adagrad" (cascadexml_fast.SparseRowwiseAdagrad: one accumulator per row, no weight decay).
     optimizer_state_dtype: SparseAdamW's moments: "float32", "bfloat16" or "uint8" (block-wise 8-bit).
@@ -89,6 +90,7 @@ class TrainConfig:
     schedule: str = "one_cycle"
     warmup_epochs: float = 1.0
     table_dtype: str = "float32"
+    table_lr: Optional[float] = None
     head_optimizer: str = "adamw"
     optimizer_state_dtype: str = "float32"
     stochastic_rounding: bool = False
@@ -142,6 +144,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.table_lr is not None and (not isinstance(self.table_lr, (int, float)) or isinstance(self.table_lr, bool)
+                                          or self.table_lr < 0):
+            raise ValueError(f"table_lr must be a number >= 0 or None, got {self.table_lr!r}")
         if self.valid_size >= 1 and self.valid_size != int(self.valid_size):
             raise ValueError(f"valid_size must be a fraction in [0, 1) or a whole count, got {self.valid_size}")
         if not isinstance(self.model, dict):

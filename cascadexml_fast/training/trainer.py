@@ -353,6 +353,8 @@ class Trainer:
         dense, sparse = [], []
         for group in groups:
             group = dict(group)
+            if group["sparse"] and config.table_lr is not None:
+                group["lr"] = config.table_lr
             group["base_lr"] = group["lr"]
             (sparse if group.pop("sparse") else dense).append(group)
         betas = (Schedule.BETA1_MAX, 0.999) if config.schedule == "one_cycle" else (0.9, 0.999)
