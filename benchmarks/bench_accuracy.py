@@ -408,6 +408,37 @@ def state_mb(model) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / harness.MB
 
 
+def rescore_run(part: str, run_dir: Path, test: XMCData, inv: np.ndarray, args) -> Dict[str, Any]:
+    """``--reuse-runs``: the row of a run that already finished in ``run_dir`` (its train_config.json,
+    summary.json and best model), scored again here instead of training again. The training columns come from
+    that run's summary (stage times; no CPU time or peak memory)."""
+    training = training_api()
+    from cascadexml_fast.models import load_pretrained
+
+    config = training.TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    splits = training.load_splits(config)
+    if splits.test is None or splits.test.texts != test.texts:
+        raise RuntimeError(f"{part}: the reused run's test documents differ from the harness's")
+    from cascadexml_fast.training.trainer import resolve_device
+
+    device = resolve_device(config.device)
+    best = load_pretrained(summary["model_dir"], device=device)
+    timings = {k: round(v, 2) for k, v in summary["timings"].items()}
+    return dict(
+        method=MODEL_METHODS[part], part=part, **score_model(best, test, inv, args, config.eval_batch_size),
+        train_s=round(sum(timings.values()), 2), train_cpu_s=None, timings=timings, train_peak_mb=None,
+        model_mb=round(directory_bytes(Path(summary["model_dir"])) / harness.MB, 1),
+        epochs=config.epochs, best_epoch=summary["best_epoch"], selection_split=summary["selection_split"],
+        train_docs_used=splits.train.n_docs,
+        trainer_test_metrics={k: round(v, 2) for k, v in (summary.get("test_metrics") or {}).items()},
+        settings=dict(train_config=config.to_dict(), model_config=best.config.to_dict(),
+                      tree_level_sizes=[int(x) for x in best.tree.level_sizes]),
+        device_used=str(device), loadavg=harness.loadavg(),
+        note=f"trained by an earlier run in {run_dir} (train s = the sum of its stage times), scored here",
+    )
+
+
 def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -> List[Dict[str, Any]]:
     """The neural rows of ``part`` (demo, demo-*, cascadexml, lightxml) through ``cascadexml_fast.training``:
     train (the whole job: encoder load, feature embedding for the frozen demo, tree, epochs, per-epoch evaluation
@@ -422,6 +453,8 @@ def run_model(part: str, train: XMCData, test: XMCData, inv: np.ndarray, args) -
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = Path(args.runs_dir) / part
+    if args.reuse_runs and (run_dir / "summary.json").is_file():
+        return [rescore_run(part, run_dir, test, inv, args)]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     data_files = None
@@ -628,6 +661,8 @@ def parse_args(argv=None):
                     help="where the neural runs write models and logs (default: <tmp>/cascadexml_fast_bench_accuracy)")
     ap.add_argument("--int8", action="store_true",
                     help="neural parts: also score the trained model with int8 label tables (cascadexml_fast.quantize)")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="neural parts: score the finished run already in <runs-dir>/<part> instead of training")
     ap.add_argument("--shared-feature-cache", action="store_true",
                     help="frozen parts: cache encoder features in the trainer's default cache (reused across runs "
                          "and parts; the embedding time then shows only on a cache miss)")

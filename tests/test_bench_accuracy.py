@@ -125,6 +125,11 @@ def test_demo_part_on_synthetic(tmp_path):
     assert row["P@1"] > 20, row  # chance is about 10%
     assert row["model_mb"] > 1 and row["ms_doc_1t"] > 0 and row["ms_doc_batch"] > 0
     assert not (tmp_path / "runs" / "demo" / "features").exists()
+    # --reuse-runs scores the finished run again instead of training
+    again = bench.main(["--dataset", "synthetic", "--only", "demo", "--reuse-runs", "--out", str(tmp_path),
+                        "--runs-dir", str(tmp_path / "runs"), "--model-latency-docs", "5"])
+    (reused,) = again["records"]
+    assert "scored here" in reused["note"] and reused["P@1"] == row["P@1"] and reused["epochs"] == 3
 
 
 @pytest.mark.slow
