@@ -25,7 +25,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 CPU_ISAS = ("avx512", "avx2", "scalar")
 
 
-def pytest_report_header(config):
+def _cpu_paths_line() -> str:
     """Which vector paths of the C++ CPU kernels this run covers (tests/test_cpu_isa.py and the int8 tests force
     each one the CPU supports) and which it skips."""
     from cascadexml_fast import _extension
@@ -36,6 +36,15 @@ def pytest_report_header(config):
     skipped = [name for name in CPU_ISAS if name not in supported]
     return (f"cascadexml_fast CPU vector paths: default {_extension.module.cpu_isa()}; tested {', '.join(supported)}; "
             f"skipped (this CPU lacks them): {', '.join(skipped) or 'none'}")
+
+
+def pytest_report_header(config):
+    return _cpu_paths_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Also at the end, where `pytest -q` (CI) still prints it."""
+    terminalreporter.write_line(_cpu_paths_line())
 
 
 @pytest.fixture
