@@ -64,7 +64,6 @@ def _load():
         _library.LIBRARY.impl(name, FALLBACKS[name], "CPU")
 
 
-
 def set_cpu_isa(name: str = "auto") -> str:
     """Forces the vector path of every C++ CPU kernel: "avx512" (x86-64-v4), "avx2" (AVX2 + FMA, x86-64-v3),
     "scalar" (the baseline build) or "auto" (the CPU's best, the default). Returns the path now in use.

@@ -22,7 +22,7 @@ def _seed():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-CPU_ISAS = ("avx512", "avx2", "scalar")
+from cascadexml_fast._extension import CPU_ISAS  # noqa: E402,F401  (the vector path names, best first)
 
 
 def _cpu_paths_line() -> str:

@@ -15,8 +15,6 @@
 #include "cpu/isa.h"
 #include "cpu/vec.h"
 
-#include <string>
-
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() (GCC bug 105593): harmless.
 #pragma GCC diagnostic ignored "-Wuninitialized"

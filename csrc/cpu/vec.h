@@ -89,7 +89,7 @@ inline typename L::A dot(const typename L::A* __restrict x, const typename L::T*
   return total + tail;
 }
 
-// int8 rows: explicit AVX-512 / AVX2 / scalar code picked at load time (csrc/cpu/int8_dot.cpp), not the generic
+// int8 rows: explicit AVX-512 / AVX2 / scalar code on the active path (csrc/cpu/int8_dot.cpp), not the generic
 // loop above, whose int8 widening and serial lane sum would make the int8 kernels compute-bound.
 float dot_i8(const float* x, const int8_t* w, int64_t D);  // the active path's variant (isa.h)
 
