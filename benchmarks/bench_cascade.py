@@ -94,7 +94,7 @@ def make_table(rows: int, D: int, device: torch.device, dtype: torch.dtype, g: t
                chunk: int = 1 << 16) -> torch.Tensor:
     """[rows, D] with std SCALE, generated in chunks straight into `dtype` (no full-size fp32 temporary).
     CPU: uniform (faster than randn on 2 cores); GPU: normal. Values do not change the timing, only the beams."""
-    W = torch.empty(rows, D, device=device, dtype=dtype)
+    W = harness.table_empty((rows, D), dtype, device)  # huge pages on CPU, as the library's layers
     half = SCALE * math.sqrt(3.0)
     for s in range(0, rows, chunk):
         n = min(chunk, rows - s)
@@ -445,6 +445,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="labels returned per document (default 100; tiny 10)")
     p.add_argument("--dim", type=int, default=None, help="feature dim D (default 768; tiny 64)")
     p.add_argument("--combine", choices=("leaf", "leaf_x_parent"), default="leaf")
+    harness.add_table_memory_arg(p)
     p.add_argument("--tag", default=None,
                    help="results go to <name>_<tag>_<device>.* (a partial run never overwrites the full one)")
     return p.parse_args(argv)
@@ -452,6 +453,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    harness.set_table_memory(args.table_memory)
     t_start = time.perf_counter()
     device, preset, timing = _bt.setup_run(args)
     cuda = device.type == "cuda"
@@ -517,6 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         checks_failed=len(failed),
         elapsed_s=round(elapsed, 1),
         loadavg_end=harness.loadavg(),
+        **harness.table_memory_report(),
     )
     table = harness.format_table(records, COLUMNS, HEADERS)
     print()

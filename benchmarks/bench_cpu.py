@@ -101,7 +101,8 @@ def head_latency(sizes: Sequence[int], dim: int, beams: Sequence[int], *, int8: 
 
     tree = Tree("e2e", tuple(int(n) for n in sizes), tuple(int(b) for b in beams))
     gen = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(n, dim, generator=gen) * 0.05 for n in tree.sizes]
+    # in huge pages, as CascadeHead allocates its CPU tables
+    weights = [harness.table_empty((n, dim)).copy_(torch.randn(n, dim, generator=gen) * 0.05) for n in tree.sizes]
     biases = [torch.zeros(n) for n in tree.sizes]
     scales = None
     if int8:

@@ -155,7 +155,7 @@ def make_table(L: int, D: int, device: torch.device, seed: int) -> torch.Tensor:
         gg = torch.Generator(device=device).manual_seed(seed)
         return torch.randn(L, D, device=device, generator=gg) * 0.02
     blk = torch.randn(min(L, 8192), D, generator=g) * 0.02
-    W = torch.empty(L, D)
+    W = harness.table_empty((L, D))  # huge pages, as the library's layers allocate CPU tables
     for s in range(0, L, blk.shape[0]):
         n = min(blk.shape[0], L - s)
         W[s:s + n] = blk[:n]
@@ -255,7 +255,7 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             W, scale = quantize(table_cache[(L, D)])
             bias = torch.randn(L, device=device) * 0.02
         else:
-            W = table_cache[(L, D)].detach().to(dtype).requires_grad_(True)  # a fresh leaf per dtype
+            W = harness.table_as(table_cache[(L, D)].detach(), dtype).requires_grad_(True)  # a fresh leaf per dtype
             bias = (torch.randn(L, device=device) * 0.02).to(dtype).requires_grad_(True)
         s_w = W.element_size()
         x_dtype = torch.float32 if dname == INT8 else dtype
@@ -453,6 +453,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--tag", default=None,
                    help="results go to <name>_<tag>_<device>.* (a partial run never overwrites the full one)")
     p.add_argument("--validate", action="store_true", help="call the op with validate=True (default False: hot loop)")
+    harness.add_table_memory_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
@@ -460,6 +461,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    harness.set_table_memory(args.table_memory)
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -523,6 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "RSS high-water mark (VmHWM after clear_refs) minus VmRSS before",
         elapsed_s=round(elapsed, 1),
         loadavg_end=harness.loadavg(),
+        **harness.table_memory_report(),
     )
     table = harness.format_table(records, COLUMNS, HEADERS)
     print()

@@ -417,6 +417,63 @@ def loadavg() -> Optional[List[float]]:
         return None
 
 
+TABLE_MEMORY = ("huge", "plain")
+_table_memory = ["huge"]
+
+
+def set_table_memory(kind: str) -> None:
+    """"huge" (default): benchmark tables in huge pages, as the library allocates its CPU tables; "plain": ordinary
+    torch memory (4 KiB pages), to measure what huge pages are worth (--table-memory plain)."""
+    if kind not in TABLE_MEMORY:
+        raise ValueError(f"table memory must be one of {TABLE_MEMORY}, got {kind!r}")
+    _table_memory[0] = kind
+
+
+def add_table_memory_arg(parser) -> None:
+    parser.add_argument("--table-memory", choices=TABLE_MEMORY, default="huge",
+                        help="CPU tables in huge pages as the library allocates them (default) or in plain memory")
+
+
+def table_memory_report() -> Dict[str, Any]:
+    """For meta: how tables were allocated, and how much huge-page memory the kernel actually gave this process."""
+    try:
+        from cascadexml_fast.hugepages import process_hugepage_bytes
+        held = process_hugepage_bytes() / 1e9
+    except Exception:
+        held = None
+    return dict(table_memory=_table_memory[0], transparent_hugepages=thp_mode(), hugepages_held_gb=held)
+
+
+def table_empty(shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                device: Optional[str | torch.device] = None) -> torch.Tensor:
+    """Storage for a benchmark's label table as the library allocates its own (cascadexml_fast.hugepages: huge pages
+    on CPU), so that fused and baseline paths read the same memory a user's model holds; plain torch.empty where the
+    package does not import or set_table_memory("plain") was called."""
+    try:
+        from cascadexml_fast.hugepages import table_empty as allocate
+    except Exception:
+        allocate = None
+    if allocate is None or _table_memory[0] == "plain":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return allocate(shape, dtype, device)
+
+
+def table_as(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`table` converted to `dtype` in table storage (itself when it already has that dtype)."""
+    if table.dtype == dtype:
+        return table
+    return table_empty(table.shape, dtype, table.device).copy_(table)
+
+
+def thp_mode() -> Optional[str]:
+    """Linux's transparent-huge-page setting (always / madvise / never), None where there is none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else None
+
+
 def device_info(device: Optional[str | torch.device] = None) -> Dict[str, Any]:
     """What the numbers were taken on: device name, cores, threads, library versions."""
     device = resolve_device(device)
@@ -441,6 +498,7 @@ def device_info(device: Optional[str | torch.device] = None) -> Dict[str, Any]:
         numpy=np.__version__,
         cuda_runtime=torch.version.cuda,
         loadavg=loadavg(),
+        transparent_hugepages=thp_mode(),
     )
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -6,6 +6,7 @@ from . import _extension  # noqa: E402,F401  (attaches the C++ CPU kernels, or t
 from . import data, metrics  # noqa: E402
 from ._extension import set_cpu_isa  # noqa: E402
 from ._info import info  # noqa: E402
+from .hugepages import to_hugepages  # noqa: E402
 from .layers import CascadeHead, ShortlistedLinear  # noqa: E402
 from .ops.optim import sparse_adamw_step, sparse_rowwise_adagrad_step  # noqa: E402
 from .ops.search import block_score, cascade_search, topk  # noqa: E402
@@ -54,5 +55,6 @@ __all__ = [
     "shortlist_score",
     "sparse_adamw_step",
     "sparse_rowwise_adagrad_step",
+    "to_hugepages",
     "topk",
 ]

@@ -7,6 +7,8 @@ from typing import Any, Dict
 
 import torch
 
+from .hugepages import thp_mode
+
 
 def info() -> Dict[str, Any]:
     from . import __version__, _extension
@@ -23,6 +25,7 @@ def info() -> Dict[str, Any]:
         "cpu_kernels": "C++/OpenMP" if ext is not None else "reference (plain PyTorch)",
         "cpu_isa": ext.cpu_isa() if ext is not None else None,
         "cpu_isas_supported": list(_extension.supported_cpu_isas()),
+        "transparent_hugepages": thp_mode(),  # CPU tables use them under "always" or "madvise" (hugepages.py)
         "compiler": ext.compiler() if ext is not None else None,
         "cuda_extension": importlib.util.find_spec("cascadexml_fast._C_cuda") is not None,
         "triton": None,

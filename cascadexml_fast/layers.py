@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .hugepages import table_empty
 from .ops import reference
 from .ops.search import beam_search_with_ops, cascade_search, topk
 from .ops.shortlist_bce import shortlist_bce
@@ -53,7 +54,7 @@ class ShortlistedLinear(nn.Module):
         self.sparse_grad = sparse_grad
         self.deterministic = deterministic
         self.validate = validate
-        self.weight = nn.Parameter(torch.empty(num_labels, dim, **factory))
+        self.weight = nn.Parameter(table_empty((num_labels, dim), **factory))  # huge pages on CPU
         self.bias = nn.Parameter(torch.empty(num_labels, **factory)) if bias else None
         self.quantized = False
         self.register_buffer("weight_scale", None)  # per-row fp32 scales once quantised (int8 weight)
@@ -172,7 +173,8 @@ class CascadeHead(nn.Module):
         # The padded width of each level's children blocks, known now so that search() never syncs to find it.
         self.max_children = [int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for o in offsets]
         factory = {"device": device, "dtype": dtype}
-        self.weights = nn.ParameterList([nn.Parameter(torch.empty(n, d, **factory)) for n, d in zip(sizes, dims)])
+        # Tables in huge pages on CPU (hugepages.py): random rows are read with fewer TLB misses.
+        self.weights = nn.ParameterList([nn.Parameter(table_empty((n, d), **factory)) for n, d in zip(sizes, dims)])
         self.biases = nn.ParameterList([nn.Parameter(torch.empty(n, **factory)) for n in sizes]) if bias else None
         for level, o in enumerate(offsets):
             self.register_buffer(f"offsets_{level}", o.to(device))

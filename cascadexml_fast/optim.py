@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Tuple
 
 import torch
 
+from .hugepages import table_empty, to_hugepages
 from .ops.optim import quantized_state_shapes, sparse_adamw8bit_step, sparse_adamw_step, sparse_rowwise_adagrad_step
 
 
@@ -74,6 +75,10 @@ class _SparseRowOptimizer(torch.optim.Optimizer):
             for key, value in saved.get(param_id, {}).items():
                 if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        for state in self.state.values():  # loaded state is plain memory: tables' state goes to huge pages
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = to_hugepages(value)
 
 
 class SparseAdamW(_SparseRowOptimizer):
@@ -134,13 +139,14 @@ class SparseAdamW(_SparseRowOptimizer):
             codes_shape, scales_shape = quantized_state_shapes(_as_table(p))
             state["step"] = 0
             for name in ("exp_avg", "exp_avg_sq"):
-                state[name + "_codes"] = torch.full(codes_shape, 128 if name == "exp_avg" else 0, dtype=torch.uint8,
-                                                    device=p.device)
+                state[name + "_codes"] = table_empty(codes_shape, torch.uint8, p.device).fill_(
+                    128 if name == "exp_avg" else 0)
                 state[name + "_scales"] = torch.zeros(scales_shape, dtype=torch.float32, device=p.device)
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=group["state_dtype"], memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            # Huge pages on CPU, as the tables (hugepages.py): the update reads and writes random rows of both.
+            state["exp_avg"] = table_empty(p.shape, group["state_dtype"], p.device).zero_()
+            state["exp_avg_sq"] = table_empty(p.shape, group["state_dtype"], p.device).zero_()
             if group["mode"] == "exact":
                 state["last_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
                 state["lr_history"] = torch.zeros(16, dtype=torch.float64, device=p.device)

@@ -19,6 +19,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from .hugepages import table_empty
 from .ops import reference
 
 __all__ = ["quantize_table", "quantize", "is_quantized"]
@@ -46,7 +47,7 @@ def quantize_table(weight: torch.Tensor, *, chunk_rows: int = _CHUNK_ROWS) -> Tu
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a float table (fp32, bf16, fp16 or float64), got {weight.dtype}")
     N, D = weight.shape
-    q = torch.empty(N, D, dtype=torch.int8, device=weight.device)
+    q = table_empty((N, D), dtype=torch.int8, device=weight.device)  # huge pages on CPU (hugepages.py)
     scale = torch.empty(N, dtype=torch.float32, device=weight.device)
     for start in range(0, N, max(int(chunk_rows), 1)):
         rows = slice(start, start + chunk_rows)

@@ -185,7 +185,7 @@ def test_block_score_int8_matches_dequantised_reference(B, C, nodes, D, x_dtype,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# every int8 dot-product variant of the C++ kernels (csrc/cpu/int8_dot.cpp), forced in turn
+# every int8 dot-product variant of the C++ kernels (csrc/cpu/row_dot.cpp), forced in turn
 
 
 INT8_VARIANTS = ["avx512", "avx2", "scalar"]

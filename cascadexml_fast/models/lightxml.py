@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..hugepages import table_empty
 from ..ops import reference
 from ..ops.search import cascade_search, topk
 from ..ops.shortlist_bce import shortlist_bce
@@ -162,7 +163,7 @@ class LightXML(XMCModel):
         self.cluster_classifier = nn.Linear(width, self.num_clusters)
         self.bottleneck = nn.Linear(width, config.ranker_dim)
         # [L, ranker_dim] in tree order (the children of a cluster are contiguous rows); xavier as the paper
-        self.label_embedding = nn.Parameter(torch.empty(self.num_labels, config.ranker_dim))
+        self.label_embedding = nn.Parameter(table_empty((self.num_labels, config.ranker_dim)))  # huge pages on CPU
         nn.init.xavier_uniform_(self.label_embedding)
         self.register_buffer("cluster_offsets", tree.offsets[0].clone())
         self.register_buffer("perm", tree.perm.clone())

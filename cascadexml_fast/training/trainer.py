@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import metrics as xmc_metrics
+from ..hugepages import table_empty
 from ..optim import SparseAdamW, SparseRowwiseAdagrad
 from ..tree import LabelTree, pifa
 from .checkpoint import existing_model_dir, latest_checkpoint, new_checkpoint, replace_dir
@@ -385,8 +386,8 @@ class Trainer:
         groups = self.model.param_groups(0.0, 0.0, 0.0, 0.0)
         for group in groups:
             if group["name"] in self.TABLE_GROUPS:
-                for param in group["params"]:
-                    param.data = param.data.to(dtype)
+                for param in group["params"]:  # the cast copy goes to huge pages on CPU, as the layers allocate
+                    param.data = table_empty(param.shape, dtype, param.device).copy_(param.data)
 
     # ---- checkpoints
     def save_checkpoint(self) -> Path:

@@ -5,6 +5,17 @@
 // over the whole table would have put it (up to fp32 rounding). The replay stops early once the momentum's
 // contribution is far below an ulp of the parameter (or zero: a row never touched has m = v = 0), and applies the
 // remaining weight decay as one product, so catching up costs O(steps with visible momentum), not O(steps).
+
+// Every multiply and add of an update is rounded on its own, never fused into an FMA: the reference
+// (ops/reference.py) and the Triton kernel round the same way, so all backends give the same bits (tested with
+// stochastic rounding). Set before the includes, so that the vector paths this file instantiates (with_isa, isa.h)
+// and everything inlined into them take it.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include "cpu/optim.h"
 
 #include <ATen/Dispatch.h>
@@ -15,6 +26,8 @@
 
 #include "cpu/checks.h"
 #include "cpu/sr.h"
+#include "cpu/vec.h"
+
 
 namespace cxf {
 namespace {
@@ -51,6 +64,31 @@ struct Hyper {
   float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2;
 };
 
+// The AdamW step of one element (p, m, v in fp32), shared by both row paths below so that they round alike.
+CXF_KERNEL void adamw_element(float& p, float& m, float& v, float g, const Hyper& h) {
+  p *= h.decay;
+  m = h.beta1 * m + (1.f - h.beta1) * g;
+  v = h.beta2 * v + (1.f - h.beta2) * g * g;
+  p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+}
+
+// A row with no missed steps to replay (every row in lazy mode; in exact mode, a row also updated at the previous
+// step): a straight loop over the row that vectorises, compiled for the active path (isa.h).
+template <class P, class S>
+CXF_KERNEL void adamw_row_kernel(P* __restrict p_row, S* __restrict m_row, S* __restrict v_row,
+                                 const float* __restrict g_row, int64_t D, const Hyper& h, bool sr, uint32_t row_key) {
+  for (int64_t d = 0; d < D; ++d) {
+    float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
+    adamw_element(p, m, v, g_row[d], h);
+    p_row[d] = round_to<P>(p, sr, row_key, d);
+    m_row[d] = S(m);
+    v_row[d] = S(v);
+  }
+}
+
+// Rows updated this many positions ahead are prefetched (param and both moments: three random rows each).
+constexpr int64_t kRowsAhead = 2;
+
 template <class P, class S>
 void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const float* grad, int64_t U, int64_t D,
                  int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched, bool sr,
@@ -58,12 +96,22 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = rows[u];
+      if (u + kRowsAhead < end) {
+        const int64_t next = rows[u + kRowsAhead];
+        prefetch_row(param + next * D, D * int64_t(sizeof(P)));
+        prefetch_row(m_state + next * D, D * int64_t(sizeof(S)));
+        prefetch_row(v_state + next * D, D * int64_t(sizeof(S)));
+      }
       P* p_row = param + row * D;
       S* m_row = m_state + row * D;
       S* v_row = v_state + row * D;
       const float* g_row = grad + u * D;
       const int64_t first = last_step ? last_step[row] + 1 : step;
       const uint32_t row_key = sr ? sr_row_key(key, row) : 0u;
+      if (first >= step) {
+        with_isa([&] { adamw_row_kernel<P, S>(p_row, m_row, v_row, g_row, D, h, sr, row_key); });
+        continue;
+      }
       for (int64_t d = 0; d < D; ++d) {
         float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
         int64_t j = first;
@@ -86,11 +134,7 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
           m *= std::pow(h.beta1, float(missed));
           v *= std::pow(h.beta2, float(missed));
         }
-        const float g = g_row[d];
-        p *= h.decay;
-        m = h.beta1 * m + (1.f - h.beta1) * g;
-        v = h.beta2 * v + (1.f - h.beta2) * g * g;
-        p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+        adamw_element(p, m, v, g_row[d], h);
         p_row[d] = round_to<P>(p, sr, row_key, d);
         m_row[d] = S(m);
         v_row[d] = S(v);

@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -129,6 +130,10 @@ void set_scorers(Level& level) {
 inline const float* level_scale(const Level& level) {
   return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
+
+// Children blocks prefetched ahead of the one being scored in a document's beam (a block is ~8-11 rows, 12-33 KB;
+// two blocks in flight measured best for fp32 and bf16 on the 2-core EPYC, one ~4% slower).
+constexpr int64_t kBlocksAhead = 2;
 
 // Batches of at least this many documents run level by level with the blocks grouped across documents.
 constexpr int64_t kGroupedMinDocs = 8;
@@ -329,10 +334,19 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       const int64_t* o = lv[l].offsets.data_ptr<int64_t>();
       TORCH_CHECK(o[0] >= 0 && o[W.size(0)] <= weights[l + 1].size(0), "level ", l,
                   ": offsets must lie in [0, rows of the next level's table]");
-      for (int64_t c = 0; c < W.size(0); ++c)
-        TORCH_CHECK(o[c + 1] >= o[c] && o[c + 1] - o[c] <= max_children[l], "level ", l, ": node ", c, " has ",
+      // Every call checks every block (75K nodes at 670K labels): a branch-free pass, the loop below only names
+      // the first bad node when there is one.
+      const int64_t nodes = W.size(0), widest = max_children[l];
+      int64_t smallest_block = 0, largest_block = 0;
+      for (int64_t c = 0; c < nodes; ++c) {
+        smallest_block = std::min(smallest_block, o[c + 1] - o[c]);
+        largest_block = std::max(largest_block, o[c + 1] - o[c]);
+      }
+      const bool blocks_ok = smallest_block >= 0 && largest_block <= widest;
+      for (int64_t c = 0; !blocks_ok && c < nodes; ++c)
+        TORCH_CHECK(o[c + 1] >= o[c] && o[c + 1] - o[c] <= widest, "level ", l, ": node ", c, " has ",
                     o[c + 1] - o[c], " children (offsets must be non-decreasing, blocks <= max_children = ",
-                    max_children[l], ")");
+                    widest, ")");
       TORCH_CHECK(beams[l] >= 0, "beams must be >= 0");
     }
   }
@@ -391,14 +405,16 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
       const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
       const char* table = static_cast<const char*>(lv[l].W.data_ptr());
+      // Blocks lie at random places in the table: keep the next kBlocksAhead in flight while one is scored.
+      auto prefetch_block = [&](int64_t j) {
+        const int64_t node = s.beam_nodes[j];
+        if (node >= 0) prefetch_row(table + off[node] * row_bytes, (off[node + 1] - off[node]) * row_bytes);
+      };
       for_range(beam, 16, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < std::min(j0 + kBlocksAhead, j1); ++j) prefetch_block(j);
         for (int64_t j = j0; j < j1; ++j) {
           std::fill(s.parent.begin() + j * width, s.parent.begin() + (j + 1) * width, s.beam_values[j]);
-          // The next block lies elsewhere in the table: fetch it while this one is scored.
-          if (j + 1 < j1 && s.beam_nodes[j + 1] >= 0) {
-            const int64_t next = s.beam_nodes[j + 1];
-            prefetch_row(table + off[next] * row_bytes, (off[next + 1] - off[next]) * row_bytes);
-          }
+          if (j + kBlocksAhead < j1) prefetch_block(j + kBlocksAhead);
           const int64_t node = s.beam_nodes[j];
           if (node < 0) continue;
           const int64_t start = off[node], size = off[node + 1] - start;

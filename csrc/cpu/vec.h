@@ -89,9 +89,22 @@ inline typename L::A dot(const typename L::A* __restrict x, const typename L::T*
   return total + tail;
 }
 
-// int8 rows: explicit AVX-512 / AVX2 / scalar code on the active path (csrc/cpu/int8_dot.cpp), not the generic
-// loop above, whose int8 widening and serial lane sum would make the int8 kernels compute-bound.
-float dot_i8(const float* x, const int8_t* w, int64_t D);  // the active path's variant (isa.h)
+// fp32, bf16 and int8 rows: explicit AVX-512 / AVX2 / scalar code on the active path (csrc/cpu/row_dot.cpp,
+// 64 lanes reduced by a fixed tree), not the generic loop above, whose single FMA chain per vector and serial lane
+// sum would make the scoring kernels compute-bound. The generic loop serves float64 (gradcheck) and fp16.
+float dot_f32(const float* x, const float* w, int64_t D);      // the active path's variant (isa.h)
+float dot_bf16(const float* x, const uint16_t* w, int64_t D);  // w: bf16 bits
+float dot_i8(const float* x, const int8_t* w, int64_t D);
+
+template <>
+inline float dot<F32>(const float* __restrict x, const float* __restrict w, int64_t D) {
+  return dot_f32(x, w, D);
+}
+
+template <>
+inline float dot<BF16>(const float* __restrict x, const uint16_t* __restrict w, int64_t D) {
+  return dot_bf16(x, w, D);
+}
 
 template <>
 inline float dot<I8>(const float* __restrict x, const int8_t* __restrict w, int64_t D) {
@@ -113,10 +126,13 @@ inline void scale(typename L::A a, const typename L::T* __restrict w, typename L
 }
 
 // Brings a table row into cache ahead of use: shortlists jump between rows, so the hardware prefetcher only
-// starts after the first lines of each row have missed.
+// starts after the first lines of each row have missed. The hint is "L2, not L1" (prefetcht1): a row of fp32
+// is 48 lines and several rows are in flight at once, more than L1's miss buffers hold, so T0 prefetches stall
+// or get dropped; measured on the 2-core EPYC (benchmarks/README.md, "prefetch"), T1 reads random rows 1.4-1.8x
+// faster than T0.
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 }  // namespace cxf
