@@ -5,6 +5,15 @@
 //   exp_avg_sq: code = nearbyint(sqrt(v / absmax) * 255)            r = code / 255, v = r * r * absmax
 // (round half to even; an all-zero block has absmax 0 and codes 128 / 0). Per touched row and block: dequantise,
 // one fp32 AdamW step in the order of sparse_adamw_step's kernel, then requantise with the block's fresh absmax.
+
+// No FMA contraction (as optim.cpp): the C++ kernel equals the reference bit for bit. Set before the includes so that
+// the vector paths instantiated here (with_isa) take it.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +23,7 @@
 #include "cpu/checks.h"
 #include "cpu/optim.h"
 #include "cpu/sr.h"
+#include "cpu/vec.h"
 
 namespace cxf {
 namespace {
@@ -24,6 +34,53 @@ struct Hyper8 {
   float beta1, beta2, one_minus_b1, one_minus_b2, eps, decay, step_size, inv_sqrt_bc2;
 };
 
+// One touched row: every block dequantised, stepped and requantised; straight loops that vectorise, compiled for
+// the active path (isa.h). m_buf / v_buf: kBlock floats of scratch.
+template <class P>
+CXF_KERNEL void update_row_8bit_kernel(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, int64_t row,
+                                       const float* grad, int64_t u, int64_t D, int64_t nb, const Hyper8& h, bool sr,
+                                       uint32_t row_key, float* __restrict m_buf, float* __restrict v_buf) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t d0 = b * kBlock, len = std::min(kBlock, D - d0);
+    const int64_t off = row * D + d0;
+    const float m_scale = ms[row * nb + b], v_scale = vs[row * nb + b];
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t d = d0 + i;
+      float m = (float(mc[off + i]) - 128.f) * m_scale / 127.f;
+      const float r = float(vc[off + i]) / 255.f;
+      float v = r * r * v_scale;
+      const float g = grad[u * D + d];
+      float p = float(param[off + i]);
+      p *= h.decay;
+      m = h.beta1 * m + h.one_minus_b1 * g;
+      v = h.beta2 * v + h.one_minus_b2 * g * g;
+      p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+      param[off + i] = round_to<P>(p, sr, row_key, d);
+      m_buf[i] = m;
+      v_buf[i] = v;
+    }
+    // absmax as the largest bit pattern of |m| and v (>= 0): the same as a float max for the finite values that
+    // reach here (non-finite gradients are refused or skipped before), and an integer max vectorises.
+    uint32_t m_bits = 0, v_bits = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      m_bits = std::max(m_bits, float_to_bits(m_buf[i]) & 0x7fffffffu);
+      v_bits = std::max(v_bits, float_to_bits(v_buf[i]) & 0x7fffffffu);
+    }
+    const float m_max = bits_to_float(m_bits), v_max = bits_to_float(v_bits);
+    ms[row * nb + b] = m_max;
+    vs[row * nb + b] = v_max;
+    for (int64_t i = 0; i < len; ++i) {
+      const float tm = m_max > 0.f ? m_buf[i] / m_max : 0.f;
+      mc[off + i] = uint8_t(int(std::nearbyint(tm * 127.f)) + 128);
+      const float tv = v_max > 0.f ? v_buf[i] / v_max : 0.f;
+      vc[off + i] = uint8_t(int(std::nearbyint(std::sqrt(tv) * 255.f)));
+    }
+  }
+}
+
+// Rows this many positions ahead are prefetched (param row and both code rows).
+constexpr int64_t kRowsAhead = 2;
+
 template <class P>
 void update_rows_8bit(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, const int64_t* rows,
                       const float* grad, int64_t U, int64_t D, const Hyper8& h, bool sr, uint32_t key) {
@@ -31,39 +88,17 @@ void update_rows_8bit(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, 
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     float m_buf[kBlock], v_buf[kBlock];
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kRowsAhead < end) {
+        const int64_t next = rows[u + kRowsAhead];
+        prefetch_row(param + next * D, D * int64_t(sizeof(P)));
+        prefetch_row(mc + next * D, D);
+        prefetch_row(vc + next * D, D);
+      }
       const int64_t row = rows[u];
       const uint32_t row_key = sr ? sr_row_key(key, row) : 0u;
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t d0 = b * kBlock, len = std::min(kBlock, D - d0);
-        const int64_t off = row * D + d0;
-        const float m_scale = ms[row * nb + b], v_scale = vs[row * nb + b];
-        float m_max = 0.f, v_max = 0.f;
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t d = d0 + i;
-          float m = (float(mc[off + i]) - 128.f) * m_scale / 127.f;
-          const float r = float(vc[off + i]) / 255.f;
-          float v = r * r * v_scale;
-          const float g = grad[u * D + d];
-          float p = float(param[off + i]);
-          p *= h.decay;
-          m = h.beta1 * m + h.one_minus_b1 * g;
-          v = h.beta2 * v + h.one_minus_b2 * g * g;
-          p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
-          param[off + i] = round_to<P>(p, sr, row_key, d);
-          m_buf[i] = m;
-          v_buf[i] = v;
-          m_max = std::max(m_max, std::fabs(m));
-          v_max = std::max(v_max, v);
-        }
-        ms[row * nb + b] = m_max;
-        vs[row * nb + b] = v_max;
-        for (int64_t i = 0; i < len; ++i) {
-          const float tm = m_max > 0.f ? m_buf[i] / m_max : 0.f;
-          mc[off + i] = uint8_t(int(std::nearbyint(tm * 127.f)) + 128);
-          const float tv = v_max > 0.f ? v_buf[i] / v_max : 0.f;
-          vc[off + i] = uint8_t(int(std::nearbyint(std::sqrt(tv) * 255.f)));
-        }
-      }
+      with_isa([&] {
+        update_row_8bit_kernel<P>(param, mc, ms, vc, vs, row, grad, u, D, nb, h, sr, row_key, m_buf, v_buf);
+      });
     }
   });
 }
