@@ -21,13 +21,7 @@ from cascadexml_fast.training import checkpoint as ckpt  # noqa: E402
 from cascadexml_fast.training.config import add_config_flags, flag_values  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shortlist_score import _check_2d, _num_warps, _pow2, _scale_arg, _tile_shape, _unit_stride_rows
+from .shortlist_score import _check_2d, _num_warps, _pow2, _scale_arg, _tile_shape, _unit_stride_rows, gathered_dots
 
 __all__ = ["block_score", "grouped_tiles"]
 
@@ -88,19 +88,7 @@ def _block_gemv_kernel(
     w_rows = w_ptr + tl.where(valid, ids, 0) * stride_wn  # int64 row offsets
     x_row = x_ptr + pid_b * stride_xb
 
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            xv = tl.load(x_row + offs_d).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        else:
-            d_mask = offs_d < D
-            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
-    s = tl.sum(acc, axis=1)
+    s = gathered_dots(x_row, w_rows, valid, D, EVEN_D, BLOCK_K, BLOCK_D)
     if HAS_SCALE:
         s = s * tl.load(scale_ptr + ids, mask=valid, other=0.0)
     if HAS_BIAS:

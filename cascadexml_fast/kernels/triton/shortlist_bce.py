@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shortlist_score import _check_2d, _num_warps, _pow2, _tile_shape, _unit_stride_rows
+from .shortlist_score import _check_2d, _num_warps, _pow2, _tile_shape, _unit_stride_rows, gathered_dots
 
 __all__ = ["shortlist_bce"]
 
@@ -67,20 +67,7 @@ def _bce_fwd_kernel(
     w_rows = w_ptr + tl.where(valid, ids, 0) * stride_wn  # int64 row offsets
     x_row = x_ptr + pid_b * stride_xb
 
-    # Scores: [BLOCK_K, BLOCK_D] products accumulated in registers, reduced over D once at the end.
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            xv = tl.load(x_row + offs_d).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        else:
-            d_mask = offs_d < D
-            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
-    s = tl.sum(acc, axis=1)
+    s = gathered_dots(x_row, w_rows, valid, D, EVEN_D, BLOCK_K, BLOCK_D)  # the scores, as shortlist_score's
     if HAS_BIAS:
         s += tl.load(bias_ptr + ids, mask=valid, other=0.0).to(tl.float32)
 

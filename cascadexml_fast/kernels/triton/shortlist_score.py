@@ -52,6 +52,27 @@ _MAX_SEGMENT_PROGRAMS = 16 * 1024
 
 
 @triton.jit
+def gathered_dots(x_row, w_rows, valid, D, EVEN_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """<x, W[row]> for BLOCK_K row pointers `w_rows` (0 where not `valid`), fp32. The [BLOCK_K, BLOCK_D] products
+    are accumulated element-wise in registers and reduced over D once at the end (one cross-lane reduction, not
+    one per chunk). Shared by the shortlist forward, the fused BCE forward (shortlist_bce.py) and the block
+    gather-GEMV (block_score.py)."""
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            xv = tl.load(x_row + offs_d).to(tl.float32)
+            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        else:
+            d_mask = offs_d < D
+            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                        other=0.0).to(tl.float32)
+        acc += w * xv[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _score_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, idx_ptr, out_ptr, scale_ptr,
     K, D,
@@ -69,19 +90,7 @@ def _score_fwd_kernel(
     w_rows = w_ptr + tl.where(valid, ids, 0) * stride_wn  # int64 row offsets
     x_row = x_ptr + pid_b * stride_xb
 
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        if EVEN_D:
-            xv = tl.load(x_row + offs_d).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        else:
-            d_mask = offs_d < D
-            xv = tl.load(x_row + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
-    s = tl.sum(acc, axis=1)
+    s = gathered_dots(x_row, w_rows, valid, D, EVEN_D, BLOCK_K, BLOCK_D)
     if HAS_SCALE:  # int8 table: the fp32 sum of x * q, scaled once by the row's scale
         s = s * tl.load(scale_ptr + ids, mask=valid, other=0.0)
     if HAS_BIAS:
