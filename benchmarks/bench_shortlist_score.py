@@ -20,7 +20,7 @@ import datetime as _dt
 import importlib.util
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -454,6 +454,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="results go to <name>_<tag>_<device>.* (a partial run never overwrites the full one)")
     p.add_argument("--validate", action="store_true", help="call the op with validate=True (default False: hot loop)")
     harness.add_table_memory_arg(p)
+    p.add_argument("--cluster-size", type=int, default=None,
+                   help="contiguous labels per shortlist cluster, K unchanged (default 128; 1 = scattered rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
@@ -488,6 +490,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         cases = [Case(c.L, c.B, c.clusters, c.cluster_size, c.D, c.dtype, tuple(m for m in c.modes if m in keep_modes))
                  for c in cases]
         cases = [c for c in cases if c.modes]
+    if args.cluster_size:
+        cs = args.cluster_size
+        if cs < 1 or any((c.clusters * c.cluster_size) % cs for c in cases):
+            raise SystemExit(f"--cluster-size {cs} must be >= 1 and divide every case's K")
+        cases = [replace(c, clusters=c.clusters * c.cluster_size // cs, cluster_size=cs) for c in cases]
     keep_methods = args.methods.split(",") if args.methods else None
 
     fused, fused_desc, cx_info, is_pkg = load_fused()
