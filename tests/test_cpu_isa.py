@@ -123,3 +123,53 @@ def test_environment_variable_forces_the_path_at_import():
     assert _isa_at_import("scalar")[0] == "scalar"
     chosen, err = _isa_at_import("sve")  # unknown: a warning, and the CPU's best
     assert chosen == _extension.supported_cpu_isas()[0] and "CASCADEXML_FAST_CPU_ISA='sve' ignored" in err
+
+
+def _optimizer_steps():
+    """One sparse AdamW step of each kind on fixed inputs: lazy, exact with rows that replay missed steps (some
+    elements stop early: zero or tiny momentum), bf16 state, 8-bit state."""
+    gen = torch.Generator().manual_seed(3)
+    N, D = 40, 300  # D: a ragged tail after whole vectors, and two 8-bit blocks (256 + 44)
+    p0 = torch.randn(N, D, generator=gen)
+    m0 = torch.randn(N, D, generator=gen) * 0.01
+    v0 = torch.rand(N, D, generator=gen) * 1e-4
+    m0[::7] = 0
+    m0[1::5, :100] = 1e-12
+    rows = torch.arange(1, N, 2)
+    grad = torch.randn(rows.numel(), D, generator=gen)
+    history = torch.rand(64, dtype=torch.float64, generator=gen) * 1e-2
+    out = {}
+    for mode in ("lazy", "exact"):
+        for state_dtype in (torch.float32, torch.bfloat16):
+            p, m, v = p0.clone(), m0.to(state_dtype), v0.to(state_dtype)
+            last = torch.randint(0, 40, (N,), generator=torch.Generator().manual_seed(4)) if mode == "exact" else None
+            OPS.sparse_adamw_step(p, m, v, rows, grad, 50, 0.01, 0.9, 0.999, 1e-8, 0.05, last,
+                                  history if mode == "exact" else None, False, 0)
+            out[(mode, str(state_dtype))] = (p, m, v)
+    p = p0.clone()
+    codes = [torch.randint(0, 256, (N, D), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    scales = [torch.rand(N, 2, generator=gen) * 0.1 for _ in range(2)]
+    OPS.sparse_adamw8bit_step(p, codes[0], scales[0], codes[1], scales[1], rows, grad, 50, 0.01, 0.9, 0.999, 1e-8,
+                              0.05, False, 0)
+    out["8bit"] = (p, *codes, *scales)
+    return out
+
+
+def test_sparse_adamw_is_bit_identical_on_every_path():
+    """The optimizer kernels are compiled without FMA contraction (to keep the reference's bits), so every vector
+    path, the replay of missed steps in exact mode included, gives the same bits."""
+    supported = _extension.supported_cpu_isas()
+    if len(supported) < 2:
+        pytest.skip(f"only one vector path here ({', '.join(supported) or 'no extension'})")
+    results = {}
+    try:
+        for name in supported:
+            cx.set_cpu_isa(name)
+            results[name] = _optimizer_steps()
+    finally:
+        cx.set_cpu_isa("auto")
+    first = results[supported[0]]
+    for name, out in results.items():
+        for key, tensors in out.items():
+            for a, b in zip(tensors, first[key]):
+                assert torch.equal(a, b), (name, key)

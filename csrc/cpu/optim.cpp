@@ -38,6 +38,7 @@ struct Schedule {
   int64_t first = 0;
   std::vector<float> decay, step_size, inv_sqrt_bc2;
   std::vector<double> tail_decay;  // tail_decay[j - first] = prod_{i = j}^{step - 1} decay_i; one extra entry = 1
+  std::vector<float> beta1_pow, beta2_pow;  // beta^k for k missed steps, k in [0, step - first]: no powf per element
 };
 
 Schedule make_schedule(int64_t first, int64_t step, const double* lr_history, double beta1, double beta2,
@@ -57,6 +58,12 @@ Schedule make_schedule(int64_t first, int64_t step, const double* lr_history, do
     s.inv_sqrt_bc2[i] = float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(j))));
   }
   for (int64_t i = n - 1; i >= 0; --i) s.tail_decay[i] = s.tail_decay[i + 1] * (1.0 - lr_history[first + i - 1] * weight_decay);
+  s.beta1_pow.resize(n + 1);
+  s.beta2_pow.resize(n + 1);
+  for (int64_t k = 0; k <= n; ++k) {
+    s.beta1_pow[k] = std::pow(float(beta1), float(k));
+    s.beta2_pow[k] = std::pow(float(beta2), float(k));
+  }
   return s;
 }
 
@@ -86,6 +93,75 @@ CXF_KERNEL void adamw_row_kernel(P* __restrict p_row, S* __restrict m_row, S* __
   }
 }
 
+// Per-element state of a row while it replays missed steps (exact mode).
+struct ReplayScratch {
+  std::vector<float> p, m, v;
+  std::vector<int32_t> stop;  // the step at which the element stopped replaying; -1 while it still replays
+  void resize(int64_t D) {
+    p.resize(D);
+    m.resize(D);
+    v.resize(D);
+    stop.resize(D);
+  }
+};
+
+// A row that missed steps (exact mode): it first replays them as zero-gradient AdamW steps, each element while its
+// momentum still moves p by more than ~2^-30 of |p| (and is not zero); the rest of its missed steps is pure decay
+// of p, m and v; then this step's update. The elements run in lock-step, one missed step at a time over the whole
+// row (a loop that vectorises, masked by whether each element still replays), until none does: the same operations
+// on each element as a per-element loop, so the same bits.
+template <class P, class S>
+CXF_KERNEL void adamw_replay_row_kernel(P* __restrict p_row, S* __restrict m_row, S* __restrict v_row,
+                                        const float* __restrict g_row, int64_t D, int64_t first, int64_t step,
+                                        const Hyper& h, const Schedule& sc, bool sr, uint32_t row_key,
+                                        ReplayScratch& scratch) {
+  float* __restrict pb = scratch.p.data();
+  float* __restrict mb = scratch.m.data();
+  float* __restrict vb = scratch.v.data();
+  int32_t* __restrict stop = scratch.stop.data();
+  for (int64_t d = 0; d < D; ++d) {
+    pb[d] = float(p_row[d]);
+    mb[d] = float(m_row[d]);
+    vb[d] = float(v_row[d]);
+    stop[d] = -1;
+  }
+  for (int64_t j = first; j < step; ++j) {
+    const int64_t i = j - sc.first;
+    const float decay = sc.decay[i], step_size = sc.step_size[i], inv_sqrt_bc2 = sc.inv_sqrt_bc2[i];
+    const int32_t here = int32_t(j), next = int32_t(j + 1);
+    int32_t replaying = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const bool live = stop[d] < 0;
+      const float m0 = mb[d];
+      const float p = pb[d] * decay, m = m0 * h.beta1, v = vb[d] * h.beta2;
+      const float delta = step_size * m / (std::sqrt(v) * inv_sqrt_bc2 + h.eps);
+      const float p1 = p - delta;
+      const bool moves = live & (m0 != 0.f);
+      pb[d] = moves ? p1 : pb[d];
+      mb[d] = moves ? m : m0;
+      vb[d] = moves ? v : vb[d];
+      const bool settled = std::fabs(delta) <= 0x1.0p-30f * std::fabs(p1);
+      stop[d] = !live ? stop[d] : (m0 == 0.f ? here : (settled ? next : -1));
+      replaying |= int32_t(stop[d] < 0);
+    }
+    if (!replaying) break;
+  }
+  const int32_t end = int32_t(step);
+  for (int64_t d = 0; d < D; ++d) {
+    const int32_t j = stop[d] < 0 ? end : stop[d];
+    float p = pb[d], m = mb[d], v = vb[d];
+    if (j < end) {  // the rest is pure decay of p, m and v
+      p = float(double(p) * sc.tail_decay[j - sc.first]);
+      m *= sc.beta1_pow[end - j];
+      v *= sc.beta2_pow[end - j];
+    }
+    adamw_element(p, m, v, g_row[d], h);
+    p_row[d] = round_to<P>(p, sr, row_key, d);
+    m_row[d] = S(m);
+    v_row[d] = S(v);
+  }
+}
+
 // Rows updated this many positions ahead are prefetched (param and both moments: three random rows each).
 constexpr int64_t kRowsAhead = 2;
 
@@ -94,6 +170,8 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
                  int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched, bool sr,
                  uint32_t key) {
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+    ReplayScratch scratch;
+    if (last_step) scratch.resize(D);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = rows[u];
       if (u + kRowsAhead < end) {
@@ -112,33 +190,9 @@ void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const fl
         with_isa([&] { adamw_row_kernel<P, S>(p_row, m_row, v_row, g_row, D, h, sr, row_key); });
         continue;
       }
-      for (int64_t d = 0; d < D; ++d) {
-        float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
-        int64_t j = first;
-        // Replay missed steps (zero gradient) while the momentum still moves p by more than ~2^-30 of |p|.
-        for (; j < step && m != 0.f; ++j) {
-          const int64_t i = j - sched->first;
-          p *= sched->decay[i];
-          m *= h.beta1;
-          v *= h.beta2;
-          const float delta = sched->step_size[i] * m / (std::sqrt(v) * sched->inv_sqrt_bc2[i] + h.eps);
-          p -= delta;
-          if (std::fabs(delta) <= 0x1.0p-30f * std::fabs(p)) {
-            ++j;
-            break;
-          }
-        }
-        if (j < step) {  // the rest is pure decay of p, m and v
-          const int64_t missed = step - j;
-          p = float(double(p) * sched->tail_decay[j - sched->first]);
-          m *= std::pow(h.beta1, float(missed));
-          v *= std::pow(h.beta2, float(missed));
-        }
-        adamw_element(p, m, v, g_row[d], h);
-        p_row[d] = round_to<P>(p, sr, row_key, d);
-        m_row[d] = S(m);
-        v_row[d] = S(v);
-      }
+      with_isa([&] {
+        adamw_replay_row_kernel<P, S>(p_row, m_row, v_row, g_row, D, first, step, h, *sched, sr, row_key, scratch);
+      });
     }
   });
 }
