@@ -176,6 +176,12 @@ def test_cascade_search_errors():
         cx.cascade_search(features, weights, biases, offsets, [1], 3, max_children=[0])
     with pytest.raises(RuntimeError, match="offsets must have 4 entries"):
         OPS.cascade_search(features, weights, biases, [offsets[0][:-1]], [1], [7], 3, "leaf")
+    # The op itself (no Python checks) refuses a block wider than max_children: up front for a batch of >= 8
+    # documents, at the block it reads for fewer (the beam of 3 covers every node here, so it reads them all).
+    for docs in (1, 9):
+        feats = [f[:1].expand(docs, -1).contiguous() for f in features]
+        with pytest.raises(RuntimeError, match="max_children = 1"):
+            OPS.cascade_search(feats, weights, biases, offsets, [3], [1], 3, "leaf")
 
 
 def test_opcheck_search_ops():
