@@ -1,7 +1,7 @@
 """The CPU benchmarks in one run, on this machine, with the targets checked: shortlisted scoring, the cascade
 beam search, a head training step and end-to-end WN-Nouns inference.
 
-    python benchmarks/bench_cpu.py              # everything (~20 min on 2 cores; run it on an idle machine)
+    python benchmarks/bench_cpu.py              # everything (~6 min on an idle 2-core EPYC; run it on an idle machine)
     python benchmarks/bench_cpu.py --quick      # fewer shapes and repetitions (~5 min)
     python benchmarks/bench_cpu.py --parts cascade,e2e
 
