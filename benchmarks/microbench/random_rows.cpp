@@ -41,26 +41,18 @@ __m512 widen_bf16(const uint16_t* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-float dot_bf16(const float* x, const void* row) {
-  const uint16_t* w = static_cast<const uint16_t*>(row);
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-  for (int i = 0; i < kDim; i += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), widen_bf16(w + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), widen_bf16(w + i + 16), a1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-}
-
 __m512 widen_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-float dot_i8(const float* x, const void* row) {
-  const int8_t* w = static_cast<const int8_t*>(row);
+// <x, row> for a row of T widened to fp32 16 at a time by Widen.
+template <class T, __m512 (*Widen)(const T*)>
+float dot_widened(const float* x, const void* row) {
+  const T* w = static_cast<const T*>(row);
   __m512 a0 = _mm512_setzero_ps(), a1 = a0;
   for (int i = 0; i < kDim; i += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), widen_i8(w + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), widen_i8(w + i + 16), a1);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), Widen(w + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), Widen(w + i + 16), a1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
@@ -78,7 +70,8 @@ int main() {
     long bytes;
     float (*dot)(const float*, const void*);
   };
-  const Dtype dtypes[] = {{"fp32", 4, dot_f32}, {"bf16", 2, dot_bf16}, {"int8", 1, dot_i8}};
+  const Dtype dtypes[] = {{"fp32", 4, dot_f32}, {"bf16", 2, dot_widened<uint16_t, widen_bf16>},
+                           {"int8", 1, dot_widened<int8_t, widen_i8>}};
   const size_t huge = size_t(2) << 20;
   std::vector<float> x(kDim, 0.5f), out(kShortlist);
   std::vector<char> flush(64 << 20);
