@@ -115,3 +115,22 @@ def test_a_table_covers_its_whole_storage_so_safetensors_saves_it(tmp_path):
     assert layer.weight.untyped_storage().nbytes() == layer.weight.numel() * 4
     save_model(layer, str(tmp_path / "m.safetensors"))
     assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["weight"], layer.weight.detach())
+
+
+def test_the_sparse_weight_gradient_of_a_big_batch_comes_in_huge_pages():
+    """The C++ kernel's [U, D] row-gradient buffer (a fresh one every training step) is 2 MiB-aligned huge-page
+    memory once it spans a huge page, and holds the same values as the reference."""
+    from cascadexml_fast.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    B, K, D, N = 8, 300, 320, 5000  # U ~ 1,900 distinct rows x 320 fp32: ~2.4 MB, over one huge page
+    x, grad = torch.randn(B, D, generator=gen), torch.randn(B, K, generator=gen)
+    idx = torch.randint(-1, N, (B, K), generator=gen)
+    rows, dw, db = torch.ops.cascadexml_fast.shortlist_score_grad_weight_rows(grad, x, idx)
+    ref_rows, ref_dw, ref_db = reference.shortlist_score_grad_weight_rows(grad, x, idx)
+    assert torch.equal(rows, ref_rows)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, ref_db, rtol=1e-5, atol=1e-5)
+    assert dw.numel() * 4 >= hp.HUGE_PAGE_BYTES
+    if THP:
+        assert dw.data_ptr() % hp.HUGE_PAGE_BYTES == 0

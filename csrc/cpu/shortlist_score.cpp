@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cpu/hugepage_alloc.h"
 #include "cpu/vec.h"
 
 namespace cxf {
@@ -374,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shortlist_score_grad_weight_rows_
     const int64_t U = int64_t(seg.rows.size());
     rows = at::empty({U}, options.dtype(at::kLong));
     std::copy(seg.rows.begin(), seg.rows.end(), rows.data_ptr<int64_t>());
-    dw = at::empty({U, x.size(1)}, options.dtype(grad_dtype(dtype, acc)));
+    dw = hugepage_empty({U, x.size(1)}, options.dtype(grad_dtype(dtype, acc)));  // a fresh [U, D] every step
     db = at::empty({U}, options);
     dispatch_acc(acc, [&]<class L>() {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dw.scalar_type(), "grad_weight_rows", [&] {
