@@ -28,7 +28,6 @@
 #include "cpu/sr.h"
 #include "cpu/vec.h"
 
-
 namespace cxf {
 namespace {
 

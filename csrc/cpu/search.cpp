@@ -136,7 +136,8 @@ inline const float* level_scale(const Level& level) {
 constexpr int64_t kBlocksAhead = 2;
 
 // The children block [start, start + size) of `node` (level `level`) must lie in the next level's `rows` and hold at
-// most `width` nodes: checked by the per-document search for each block it reads.
+// most `width` nodes: both searches check each block they read, just before reading it (a call reads a few hundred
+// blocks per document, not the 75K of a 670K-label tree, so this is cheaper than checking the whole tree).
 inline void check_block(int64_t level, int64_t node, int64_t start, int64_t size, int64_t width, int64_t rows) {
   TORCH_CHECK(start >= 0 && size >= 0 && size <= width && start + size <= rows, "level ", level, ": node ", node,
               " has children [", start, ", ", start + size, ") (offsets must be non-decreasing, blocks <= ",
@@ -203,6 +204,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
     for (int64_t p = 0; p < B * beam; ++p)
       std::fill(next_parent.begin() + p * width, next_parent.begin() + (p + 1) * width, beam_values[p]);
     const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
+    const int64_t next_rows = lv[l].W.size(0);
     const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
     const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
     const char* table = static_cast<const char*>(lv[l].W.data_ptr());
@@ -214,6 +216,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
         }
         const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
         const int64_t start = off[node], size = off[node + 1] - start;
+        check_block(l - 1, node, start, size, width, next_rows);
         lv[l].group_scorer(lv[l].x.data_ptr<float>(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
                            lv[l].W.data_ptr(), start, size, bias, level_scale(lv[l]), next_scores.data());
         for (int64_t i = 0; i < m; ++i)
@@ -342,20 +345,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       const int64_t* o = lv[l].offsets.data_ptr<int64_t>();
       TORCH_CHECK(o[0] >= 0 && o[W.size(0)] <= weights[l + 1].size(0), "level ", l,
                   ": offsets must lie in [0, rows of the next level's table]");
-      // Batches check every block up front (75K nodes at 670K labels: a branch-free pass; the loop below only
-      // names the first bad node). Fewer documents than kGroupedMinDocs read few blocks: the per-document search
-      // checks each block it reads instead (check_block), which at B = 1 saves ~4% of the search.
-      const int64_t nodes = W.size(0), widest = max_children[l];
-      int64_t smallest_block = 0, largest_block = 0;
-      for (int64_t c = 0; B >= kGroupedMinDocs && c < nodes; ++c) {
-        smallest_block = std::min(smallest_block, o[c + 1] - o[c]);
-        largest_block = std::max(largest_block, o[c + 1] - o[c]);
-      }
-      const bool blocks_ok = smallest_block >= 0 && largest_block <= widest;
-      for (int64_t c = 0; !blocks_ok && c < nodes; ++c)
-        TORCH_CHECK(o[c + 1] >= o[c] && o[c + 1] - o[c] <= widest, "level ", l, ": node ", c, " has ",
-                    o[c + 1] - o[c], " children (offsets must be non-decreasing, blocks <= max_children = ",
-                    widest, ")");
+      // The blocks themselves are checked where they are read (check_block).
       TORCH_CHECK(beams[l] >= 0, "beams must be >= 0");
     }
   }

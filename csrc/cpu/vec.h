@@ -128,8 +128,8 @@ inline void scale(typename L::A a, const typename L::T* __restrict w, typename L
 // Brings a table row into cache ahead of use: shortlists jump between rows, so the hardware prefetcher only
 // starts after the first lines of each row have missed. The hint is "L2, not L1" (prefetcht1): a row of fp32
 // is 48 lines and several rows are in flight at once, more than L1's miss buffers hold, so T0 prefetches stall
-// or get dropped; measured on the 2-core EPYC (benchmarks/README.md, "prefetch"), T1 reads random rows 1.4-1.8x
-// faster than T0.
+// or get dropped; measured on the 2-core EPYC (benchmarks/README.md, "Huge pages and prefetch"), T1 reads random
+// fp32 / bf16 rows 1.4-1.7x faster than T0 (int8 1.1x).
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
