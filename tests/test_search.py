@@ -170,7 +170,7 @@ def test_cascade_search_errors():
         cx.cascade_search(features, weights, biases, [offsets[0][:-1]], [1], 3)
     with pytest.raises(ValueError, match=r"features\[1\] has B = 3 rows"):
         cx.cascade_search([features[0], torch.randn(3, 4)], weights, biases, offsets, [1], 3)
-    with pytest.raises(ValueError, match="x has D = 5 features but weight has D = 4"):
+    with pytest.raises(ValueError, match=r"features\[1\] has D = 5 features but weights\[1\] has D = 4"):
         cx.cascade_search([features[0], torch.randn(2, 5)], weights, biases, offsets, [1], 3)
     with pytest.raises(ValueError, match=r"max_children\[0\] = 0"):
         cx.cascade_search(features, weights, biases, offsets, [1], 3, max_children=[0])
@@ -224,3 +224,66 @@ def test_cascade_search_batched_path_equals_per_document_calls(combine):
     ref_ids, ref_scores = reference.cascade_search(features, weights, biases, offsets, beams, 12, combine)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, **TOL)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("docs", [1, 9])
+def test_cascade_search_reads_bias_in_its_own_dtype(bias_dtype, docs):
+    # The kernel reads bf16/fp16 biases as stored (no per-call fp32 copy of the whole bias); integer values are
+    # exact in every dtype, so the result must equal the search with the fp32 bias bit for bit.
+    gen = torch.Generator().manual_seed(5)
+    features, weights, biases, offsets = random_cascade([5, 30, 150], [6, 5, 7], docs, gen)
+    weights = [w.to(torch.bfloat16) for w in weights]
+    want = cx.cascade_search(features, weights, biases, offsets, [3, 8], 10, "leaf_x_parent")
+    got = cx.cascade_search(features, weights, [b.to(bias_dtype) for b in biases], offsets, [3, 8], 10,
+                            "leaf_x_parent")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_search_long_rows_across_many_blocks(threads, dtype):
+    # Rows of 1-4 KB in blocks of 0-20 rows: the rows prefetched ahead run across block ends, empty blocks and
+    # (two threads, one document) the split of a beam between threads; none of it may change a result.
+    gen = torch.Generator().manual_seed(6)
+    sizes, dims = [16, 180, 1900], [300, 520, 1000]
+    features, weights, biases, offsets = random_cascade(sizes, dims, 3, gen, dtype=dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for docs in (slice(0, 1), slice(0, 3)):
+            feats = [f[docs] for f in features]
+            ids, scores = cx.cascade_search(feats, weights, biases, offsets, [9, 40], 50, "leaf_x_parent")
+            ref_ids, ref_scores = reference.cascade_search(feats, weights, biases, offsets, [9, 40], 50,
+                                                           "leaf_x_parent")
+            assert torch.equal(ids, ref_ids)
+            torch.testing.assert_close(scores, ref_scores, **TOL)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cascade_search_checks_a_tree_again_after_an_in_place_change():
+    # Trees are checked once per version of their offsets tensor (the check is O(nodes)); any in-place write
+    # through the tensor or a view must bring the check back.
+    gen = torch.Generator().manual_seed(8)
+    features, weights, biases, offsets = random_cascade([4, 12, 40], [3, 3, 3], 2, gen)
+    cx.cascade_search(features, weights, biases, offsets, [2, 3], 5)
+    cx.cascade_search(features, weights, biases, offsets, [2, 3], 5)  # the cached answer
+    from cascadexml_fast.ops import search as search_ops
+    assert all(id(o) in search_ops._checked_offsets for o in offsets)
+    saved = offsets[1].clone()
+    offsets[1][1:3].copy_(torch.tensor([39, 2]))  # through a view: no longer non-decreasing
+    with pytest.raises(ValueError, match=r"offsets\[1\] must be non-decreasing"):
+        cx.cascade_search(features, weights, biases, offsets, [2, 3], 5)
+    offsets[1].copy_(saved)
+    offsets[1][-1] = 41  # past the next level's 40 rows
+    with pytest.raises(ValueError, match=r"offsets\[1\] must lie in \[0, 40\]"):
+        cx.cascade_search(features, weights, biases, offsets, [2, 3], 5)
+    offsets[1].copy_(saved)
+    ids, _ = cx.cascade_search(features, weights, biases, offsets, [2, 3], 5)
+    assert torch.equal(ids, reference.cascade_search(features, weights, biases, offsets, [2, 3], 5)[0])
+    with torch.inference_mode():  # inference tensors keep no version: checked on every call
+        fresh = [o.clone() for o in offsets]
+        fresh[0][1] = 99
+        with pytest.raises(ValueError, match=r"offsets\[0\] must"):
+            cx.cascade_search(features, weights, biases, fresh, [2, 3], 5)

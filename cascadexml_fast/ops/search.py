@@ -8,12 +8,13 @@ and scores them with `shortlist_score`.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import _library, reference
-from ._validate import check_ids_in_range, check_shortlist_inputs, check_tensor, check_weight_scale
+from ._validate import FLOAT_STORAGE, check_ids_in_range, check_shortlist_inputs, check_tensor, check_weight_scale
 
 topk_op = _library.op("topk")
 block_score_op = _library.op("block_score")
@@ -98,17 +99,65 @@ def _cascade_search_fake(features, weights, biases, offsets, beams, max_children
 # validation shared by the public functions
 
 
+# Offsets already checked, by id(tensor): (weak reference, the tensor's version and storage when checked, the
+# bounds checked against, the largest block). Checking a tree costs O(nodes): ~60 us for a 65,536-node level, which
+# was a fifth of a B = 1 search on CPU, so a tree is checked once per version: every in-place write (through any
+# view) bumps a tensor's version, and then it is checked again.
+_checked_offsets: dict = {}
+
+
+def _offsets_key(offsets: torch.Tensor, num_nodes: int, num_children: int):
+    try:
+        version = offsets._version
+    except RuntimeError:  # inference tensors keep no version counter: no caching for them
+        return None
+    return (version, offsets.data_ptr(), offsets.device, num_nodes, num_children)
+
+
+def _forget_offsets(ident: int):
+    return lambda _ref: _checked_offsets.pop(ident, None)
+
+
 def check_offsets(name: str, offsets: torch.Tensor, num_nodes: int, num_children: int) -> int:
-    """CSR offsets of `num_nodes` nodes into `num_children` rows; returns the largest block (a host sync)."""
+    """CSR offsets of `num_nodes` nodes into `num_children` rows; returns the largest block (a host sync the
+    first time a tensor is seen; later calls on the unchanged tensor reuse that answer)."""
     check_tensor(name, offsets, dim=1, dtypes=(torch.int64,))
     if offsets.shape[0] != num_nodes + 1:
         raise ValueError(f"{name} must have {num_nodes + 1} entries (nodes + 1), got {offsets.shape[0]}")
+    key = _offsets_key(offsets, num_nodes, num_children)
+    cached = _checked_offsets.get(id(offsets))
+    if key is not None and cached is not None and cached[0]() is offsets and cached[1] == key:
+        return cached[2]
     sizes = offsets[1:] - offsets[:-1]
     if num_nodes and bool((sizes < 0).any()):
         raise ValueError(f"{name} must be non-decreasing")
     if int(offsets[0]) < 0 or int(offsets[-1]) > num_children:
         raise ValueError(f"{name} must lie in [0, {num_children}] (the rows of the next level)")
-    return int(sizes.max()) if num_nodes else 0
+    largest = int(sizes.max()) if num_nodes else 0
+    if key is not None:
+        _checked_offsets[id(offsets)] = (weakref.ref(offsets, _forget_offsets(id(offsets))), key, largest)
+    return largest
+
+
+def check_level_inputs(level: int, x, weight, bias, scale, B: Optional[int]) -> None:
+    """One level of a cascade: features [B, D], table [N, D] (int8 with its scales), bias [N], one device. Checked
+    on every validated search, so kept to plain attribute checks (a B = 1 search takes well under a millisecond)."""
+    x_name, w_name, b_name = f"features[{level}]", f"weights[{level}]", f"biases[{level}]"
+    check_tensor(x_name, x, dim=2, dtypes=FLOAT_STORAGE)
+    check_tensor(w_name, weight, dim=2, dtypes=FLOAT_STORAGE + (torch.int8,))
+    check_weight_scale(weight, scale, weight_name=w_name, scale_name=f"weight_scales[{level}]")
+    if x.shape[0] != B:
+        raise ValueError(f"{x_name} has B = {x.shape[0]} rows but features[0] has B = {B}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{x_name} has D = {x.shape[1]} features but {w_name} has D = {weight.shape[1]}")
+    if weight.device != x.device:
+        raise ValueError(f"{w_name} is on {weight.device} but {x_name} is on {x.device}; put them on one device")
+    if bias is not None:
+        check_tensor(b_name, bias, dim=1, dtypes=FLOAT_STORAGE)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{b_name} has {bias.shape[0]} entries but {w_name} has N = {weight.shape[0]} rows")
+        if bias.device != x.device:
+            raise ValueError(f"{b_name} is on {bias.device} but {x_name} is on {x.device}; put them on one device")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,15 +252,8 @@ def cascade_search(
             raise ValueError(f"k must be a non-negative int, got {k!r}")
         B = features[0].shape[0] if isinstance(features[0], torch.Tensor) else None
         for level in range(levels):
-            x = features[level]
-            scale = weight_scales[level] if weight_scales is not None else None
-            if isinstance(weights[level], torch.Tensor):  # the level named first, then the usual checks
-                check_weight_scale(weights[level], scale, weight_name=f"weights[{level}]",
-                                   scale_name=f"weight_scales[{level}]")
-            check_shortlist_inputs(x, weights[level], biases[level],
-                                   torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device), scale)
-            if x.shape[0] != B:
-                raise ValueError(f"features[{level}] has B = {x.shape[0]} rows but features[0] has B = {B}")
+            check_level_inputs(level, features[level], weights[level], biases[level],
+                               weight_scales[level] if weight_scales is not None else None, B)
         for level in range(levels - 1):
             largest = check_offsets(f"offsets[{level}]", offsets[level], weights[level].shape[0],
                                     weights[level + 1].shape[0])

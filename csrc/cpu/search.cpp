@@ -46,6 +46,33 @@ at::Tensor block_ids(const at::Tensor& clusters, const at::Tensor& offsets, int6
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
+// A level's bias read in its stored dtype: converting a bf16 bias of 670K labels to fp32 on every call cost
+// ~10% of a B = 1 search (the search reads a few thousand of its entries).
+struct BiasView {
+  enum Kind : int { kNone, kF32, kBF16, kF16 } kind = kNone;
+  const void* data = nullptr;
+
+  BiasView() = default;
+  explicit BiasView(const at::Tensor& bias) {
+    if (!bias.defined()) return;
+    data = bias.data_ptr();
+    switch (bias.scalar_type()) {
+      case at::kFloat: kind = kF32; break;
+      case at::kBFloat16: kind = kBF16; break;
+      case at::kHalf: kind = kF16; break;
+      default: TORCH_CHECK(false, "BiasView: unexpected bias dtype ", bias.scalar_type());
+    }
+  }
+  float operator()(int64_t r) const {
+    switch (kind) {
+      case kF32: return static_cast<const float*>(data)[r];
+      case kBF16: return BF16::load(static_cast<const uint16_t*>(data), r);
+      case kF16: return F16::load(static_cast<const uint16_t*>(data), r);
+      default: return 0.f;
+    }
+  }
+};
+
 // <x, row> of table row r, times the row's scale for an int8 table (scale != nullptr), as shortlist_score.
 template <class L>
 inline float row_score(const float* x, const typename L::T* row, int64_t D, const float* scale, int64_t r) {
@@ -53,23 +80,48 @@ inline float row_score(const float* x, const typename L::T* row, int64_t D, cons
   return scale ? v * scale[r] : v;
 }
 
+// The blocks a search will read next, in order, prefetched a fixed number of bytes ahead of the row being scored:
+// advance(bytes) is called once per row scored, so the prefetches are spread between the dots instead of issued
+// a block at a time (which stalls the core once the miss buffers are full).
+struct PrefetchStream {
+  const char* const* starts = nullptr;  // block j's first byte; its size is bytes[j] (0: nothing to read)
+  const int64_t* bytes = nullptr;
+  int64_t block = 0, end = 0, offset = 0;
+
+  void advance(int64_t n) {
+    while (n > 0 && block < end) {
+      const int64_t take = std::min(n, bytes[block] - offset);
+      prefetch_row(starts[block] + offset, take);
+      offset += take;
+      n -= take;
+      if (offset >= bytes[block]) {
+        ++block;
+        offset = 0;
+      }
+    }
+  }
+};
+
 // scores[j] = <x, W[start + j]> (* scale) (+ bias) for j < n: one contiguous block of rows.
 template <class L>
 CXF_KERNEL void score_block_kernel(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
-                                   const float* bias, const float* scale, float* out) {
+                                   BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
   const typename L::T* row = W + start * D;
-  for (int64_t j = 0; j < n; ++j, row += D)
-    out[j] = row_score<L>(x, row, D, scale, start + j) + (bias ? bias[start + j] : 0.f);
+  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
+  for (int64_t j = 0; j < n; ++j, row += D) {
+    if (ahead) ahead->advance(row_bytes);
+    out[j] = row_score<L>(x, row, D, scale, start + j) + bias(start + j);
+  }
 }
 
-using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, const float*, const float*,
-                             float*);
+using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, BiasView, const float*, float*,
+                             PrefetchStream*);
 
 template <class L>
-void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, const float* bias,
-                        const float* scale, float* out) {
+void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, BiasView bias,
+                        const float* scale, float* out, PrefetchStream* ahead) {
   const auto* w = static_cast<const typename L::T*>(W);
-  with_isa([&] { score_block_kernel<L>(x, w, D, start, n, bias, scale, out); });
+  with_isa([&] { score_block_kernel<L>(x, w, D, start, n, bias, scale, out, ahead); });
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
@@ -77,29 +129,32 @@ void score_block_erased(const float* x, const void* W, int64_t D, int64_t start,
 template <class L>
 CXF_KERNEL void score_block_docs_kernel(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
                                         int64_t m, const typename L::T* W, int64_t start, int64_t n,
-                                        const float* bias, const float* scale, float* out) {
+                                        BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
   const typename L::T* row = W + start * D;
+  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   for (int64_t j = 0; j < n; ++j, row += D) {
-    const float b = bias ? bias[start + j] : 0.f;
+    if (ahead) ahead->advance(row_bytes);
+    const float b = bias(start + j);
     for (int64_t i = 0; i < m; ++i) out[out_base[i] + j] = row_score<L>(X + doc[i] * D, row, D, scale, start + j) + b;
   }
 }
 
 using GroupScorer = void (*)(const float*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
-                             int64_t, const float*, const float*, float*);
+                             int64_t, BiasView, const float*, float*, PrefetchStream*);
 
 template <class L>
 void score_block_docs_erased(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
-                             const void* W, int64_t start, int64_t n, const float* bias, const float* scale,
-                             float* out) {
+                             const void* W, int64_t start, int64_t n, BiasView bias, const float* scale,
+                             float* out, PrefetchStream* ahead) {
   const auto* w = static_cast<const typename L::T*>(W);
-  with_isa([&] { score_block_docs_kernel<L>(X, D, doc, out_base, m, w, start, n, bias, scale, out); });
+  with_isa([&] { score_block_docs_kernel<L>(X, D, doc, out_base, m, w, start, n, bias, scale, out, ahead); });
 }
 
-// One level's inputs, prepared once per call: fp32 features and bias, the table in its own dtype (and the
+// One level's inputs, prepared once per call: fp32 features, the table and the bias in their own dtypes (and the
 // per-row fp32 scales of an int8 table).
 struct Level {
   at::Tensor x, W, bias, offsets, scale;
+  BiasView bias_view;
   BlockScorer scorer = nullptr;
   GroupScorer group_scorer = nullptr;
   int64_t D = 0;
@@ -131,9 +186,11 @@ inline const float* level_scale(const Level& level) {
   return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
 
-// Children blocks prefetched ahead of the one being scored in a document's beam (a block is ~8-11 rows, 12-33 KB;
-// two blocks in flight measured best for fp32 and bf16 on the 2-core EPYC, one ~4% slower).
-constexpr int64_t kBlocksAhead = 2;
+// How far ahead of the row being scored the search prefetches its next rows. Measured on the 2-core EPYC
+// (670K tree, B = 1, one thread, cold caches): 64 KiB streamed row by row took fp32 / bf16 / int8 from 1.78 / 1.38 /
+// 1.02 ms (two whole blocks prefetched at once per block scored) to 1.35 / 0.73 / 0.59 ms; 32 and 96-128 KiB were
+// no better, and issuing a block's ~500 prefetches at once stalled the core on full miss buffers.
+constexpr int64_t kPrefetchBytes = 64 << 10;
 
 // The children block [start, start + size) of `node` (level `level`) must lie in the next level's `rows` and hold at
 // most `width` nodes: both searches check each block they read, just before reading it (a call reads a few hundred
@@ -160,8 +217,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
-                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, level_scale(lv[0]),
-                   scores.data() + b * K);
+                   lv[0].bias_view, level_scale(lv[0]), scores.data() + b * K, nullptr);
       for (int64_t i = 0; i < n0; ++i) ids[b * K + i] = i;
     }
   });
@@ -205,20 +261,28 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
       std::fill(next_parent.begin() + p * width, next_parent.begin() + (p + 1) * width, beam_values[p]);
     const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
     const int64_t next_rows = lv[l].W.size(0);
-    const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+    const BiasView bias = lv[l].bias_view;
     const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
     const char* table = static_cast<const char*>(lv[l].W.data_ptr());
-    at::parallel_for(0, int64_t(chosen.size()), 4, [&](int64_t begin, int64_t end) {
+    // The chosen blocks in the order they are scored, for the rows prefetched ahead (as the per-document path).
+    const int64_t num_chosen = int64_t(chosen.size());
+    std::vector<const char*> block_starts(num_chosen);
+    std::vector<int64_t> block_bytes(num_chosen);
+    for (int64_t g = 0; g < num_chosen; ++g) {
+      const int64_t start = off[chosen[g]], stop = std::min(off[chosen[g] + 1], next_rows);
+      const bool readable = start >= 0 && stop > start;  // a malformed block prefetches nothing; check_block says why
+      block_starts[g] = readable ? table + start * row_bytes : table;
+      block_bytes[g] = readable ? (stop - start) * row_bytes : 0;
+    }
+    at::parallel_for(0, num_chosen, 4, [&](int64_t begin, int64_t end) {
+      PrefetchStream ahead{block_starts.data(), block_bytes.data(), begin, end, 0};
+      ahead.advance(kPrefetchBytes);
       for (int64_t g = begin; g < end; ++g) {
-        if (g + 1 < end) {
-          const int64_t next = chosen[g + 1];
-          prefetch_row(table + off[next] * row_bytes, (off[next + 1] - off[next]) * row_bytes);
-        }
         const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
         const int64_t start = off[node], size = off[node + 1] - start;
         check_block(l - 1, node, start, size, width, next_rows);
         lv[l].group_scorer(lv[l].x.data_ptr<float>(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
-                           lv[l].W.data_ptr(), start, size, bias, level_scale(lv[l]), next_scores.data());
+                           lv[l].W.data_ptr(), start, size, bias, level_scale(lv[l]), next_scores.data(), &ahead);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t t = 0; t < size; ++t) next_ids[pair_base[first + i] + t] = start + t;
       }
@@ -335,7 +399,9 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
     const auto& b = biases.get(l);
     if (b.has_value() && b->defined()) {
       TORCH_CHECK(b->dim() == 1 && b->size(0) == W.size(0), "level ", l, ": bias must have shape [", W.size(0), "]");
-      lv[l].bias = b->to(at::kFloat).contiguous();
+      const auto t = b->scalar_type();
+      lv[l].bias = (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf ? *b : b->to(at::kFloat)).contiguous();
+      lv[l].bias_view = BiasView(lv[l].bias);
     }
     if (l + 1 < levels) {
       check_offsets(offsets[l], "offsets");
@@ -370,7 +436,8 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
   struct Scratch {
     std::vector<uint64_t> keys;
     std::vector<float> scores, parent, final_scores, beam_values;
-    std::vector<int64_t> ids, beam_pos, beam_nodes;
+    std::vector<int64_t> ids, beam_pos, beam_nodes, block_bytes;
+    std::vector<const char*> block_starts;
   };
 
   auto search_document = [&](int64_t b, Scratch& s) {
@@ -380,9 +447,12 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
     s.ids.resize(n0);
     for (int64_t i = 0; i < n0; ++i) s.ids[i] = i;
     for_range(n0, 128, [&](int64_t r0, int64_t r1) {
+      const char* first = static_cast<const char*>(lv[0].W.data_ptr()) + r0 * lv[0].D * lv[0].W.element_size();
+      const int64_t bytes = (r1 - r0) * lv[0].D * lv[0].W.element_size();
+      PrefetchStream ahead{&first, &bytes, 0, 1, 0};
+      ahead.advance(kPrefetchBytes);
       lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, r0, r1 - r0,
-                   lv[0].bias.defined() ? lv[0].bias.data_ptr<float>() : nullptr, level_scale(lv[0]),
-                   s.scores.data() + r0);
+                   lv[0].bias_view, level_scale(lv[0]), s.scores.data() + r0, &ahead);
     });
     s.parent.assign(n0, 0.f);
     bool has_parent = false;
@@ -402,25 +472,31 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
       const int64_t next_rows = lv[l].W.size(0);
       const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
-      const float* bias = lv[l].bias.defined() ? lv[l].bias.data_ptr<float>() : nullptr;
+      const BiasView bias = lv[l].bias_view;
       const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
       const char* table = static_cast<const char*>(lv[l].W.data_ptr());
-      // Blocks lie at random places in the table: keep the next kBlocksAhead in flight while one is scored.
-      auto prefetch_block = [&](int64_t j) {
+      // Blocks lie at random places in the table: the rows kPrefetchBytes ahead in this beam's blocks are
+      // prefetched as each row is scored.
+      s.block_starts.resize(beam);
+      s.block_bytes.resize(beam);
+      for (int64_t j = 0; j < beam; ++j) {  // (a malformed block prefetches nothing; check_block reports it)
         const int64_t node = s.beam_nodes[j];
-        if (node >= 0) prefetch_row(table + off[node] * row_bytes, (off[node + 1] - off[node]) * row_bytes);
-      };
+        const int64_t start = node < 0 ? 0 : off[node], stop = node < 0 ? 0 : std::min(off[node + 1], next_rows);
+        const bool readable = start >= 0 && stop > start;
+        s.block_starts[j] = readable ? table + start * row_bytes : table;
+        s.block_bytes[j] = readable ? (stop - start) * row_bytes : 0;
+      }
       for_range(beam, 16, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < std::min(j0 + kBlocksAhead, j1); ++j) prefetch_block(j);
+        PrefetchStream ahead{s.block_starts.data(), s.block_bytes.data(), j0, j1, 0};
+        ahead.advance(kPrefetchBytes);
         for (int64_t j = j0; j < j1; ++j) {
           std::fill(s.parent.begin() + j * width, s.parent.begin() + (j + 1) * width, s.beam_values[j]);
-          if (j + kBlocksAhead < j1) prefetch_block(j + kBlocksAhead);
           const int64_t node = s.beam_nodes[j];
           if (node < 0) continue;
           const int64_t start = off[node], size = off[node + 1] - start;
           check_block(l - 1, node, start, size, width, next_rows);
           lv[l].scorer(xb, lv[l].W.data_ptr(), lv[l].D, start, size, bias, level_scale(lv[l]),
-                       s.scores.data() + j * width);
+                       s.scores.data() + j * width, &ahead);
           for (int64_t t = 0; t < size; ++t) s.ids[j * width + t] = start + t;
         }
       });
