@@ -13,6 +13,7 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+#define CXF_NO_FP_CONTRACT 1
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/adamw_math.h"
 #include "cpu/checks.h"
 #include "cpu/optim.h"
 #include "cpu/sr.h"
@@ -30,15 +32,11 @@ namespace {
 
 constexpr int64_t kBlock = 256;
 
-struct Hyper8 {
-  float beta1, beta2, one_minus_b1, one_minus_b2, eps, decay, step_size, inv_sqrt_bc2;
-};
-
 // One touched row: every block dequantised, stepped and requantised; straight loops that vectorise, compiled for
 // the active path (isa.h). m_buf / v_buf: kBlock floats of scratch.
 template <class P>
 CXF_KERNEL void update_row_8bit_kernel(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, int64_t row,
-                                       const float* grad, int64_t u, int64_t D, int64_t nb, const Hyper8& h, bool sr,
+                                       const float* grad, int64_t u, int64_t D, int64_t nb, const AdamWStep& h, bool sr,
                                        uint32_t row_key, float* __restrict m_buf, float* __restrict v_buf) {
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t d0 = b * kBlock, len = std::min(kBlock, D - d0);
@@ -51,10 +49,7 @@ CXF_KERNEL void update_row_8bit_kernel(P* param, uint8_t* mc, float* ms, uint8_t
       float v = r * r * v_scale;
       const float g = grad[u * D + d];
       float p = float(param[off + i]);
-      p *= h.decay;
-      m = h.beta1 * m + h.one_minus_b1 * g;
-      v = h.beta2 * v + h.one_minus_b2 * g * g;
-      p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
+      adamw_element(p, m, v, g, h);
       param[off + i] = round_to<P>(p, sr, row_key, d);
       m_buf[i] = m;
       v_buf[i] = v;
@@ -78,21 +73,16 @@ CXF_KERNEL void update_row_8bit_kernel(P* param, uint8_t* mc, float* ms, uint8_t
   }
 }
 
-// Rows this many positions ahead are prefetched (param row and both code rows).
-constexpr int64_t kRowsAhead = 2;
-
 template <class P>
 void update_rows_8bit(P* param, uint8_t* mc, float* ms, uint8_t* vc, float* vs, const int64_t* rows,
-                      const float* grad, int64_t U, int64_t D, const Hyper8& h, bool sr, uint32_t key) {
+                      const float* grad, int64_t U, int64_t D, const AdamWStep& h, bool sr, uint32_t key) {
   const int64_t nb = (D + kBlock - 1) / kBlock;
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     float m_buf[kBlock], v_buf[kBlock];
     for (int64_t u = begin; u < end; ++u) {
-      if (u + kRowsAhead < end) {
-        const int64_t next = rows[u + kRowsAhead];
-        prefetch_row(param + next * D, D * int64_t(sizeof(P)));
-        prefetch_row(mc + next * D, D);
-        prefetch_row(vc + next * D, D);
+      if (u + kAdamWRowsAhead < end) {
+        const int64_t next = rows[u + kAdamWRowsAhead];
+        prefetch_adamw_rows(param + next * D, D * int64_t(sizeof(P)), mc + next * D, vc + next * D, D);
       }
       const int64_t row = rows[u];
       const uint32_t row_key = sr ? sr_row_key(key, row) : 0u;
@@ -130,10 +120,7 @@ void sparse_adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& exp_av
   const auto ids = check_sparse_rows(rows, grad, N, D, step);
   const int64_t U = ids.size(0);
   const int64_t* r = ids.data_ptr<int64_t>();
-  const float b1 = float(beta1), b2 = float(beta2);
-  const Hyper8 h{b1, b2, 1.f - b1, 1.f - b2, float(eps), float(1.0 - lr * weight_decay),
-                 float(lr / (1.0 - std::pow(beta1, double(step)))),
-                 float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))};
+  const AdamWStep h = adamw_step_constants(step, lr, beta1, beta2, eps, weight_decay);
   const auto g = grad.to(at::kFloat).contiguous();
   const bool sr = stochastic_rounding && param.scalar_type() != at::kFloat;
   const uint32_t key = sr_key(seed, step);

@@ -9,12 +9,13 @@
 // Every multiply and add of an update is rounded on its own, never fused into an FMA: the reference
 // (ops/reference.py) and the Triton kernel round the same way, so all backends give the same bits (tested with
 // stochastic rounding). Set before the includes, so that the vector paths this file instantiates (with_isa, isa.h)
-// and everything inlined into them take it.
+// and everything inlined into them take it (adamw_math.h checks CXF_NO_FP_CONTRACT).
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+#define CXF_NO_FP_CONTRACT 1
 
 #include "cpu/optim.h"
 
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/adamw_math.h"
 #include "cpu/checks.h"
 #include "cpu/sr.h"
 #include "cpu/vec.h"
@@ -66,23 +68,11 @@ Schedule make_schedule(int64_t first, int64_t step, const double* lr_history, do
   return s;
 }
 
-struct Hyper {
-  float beta1, beta2, eps, decay, step_size, inv_sqrt_bc2;
-};
-
-// The AdamW step of one element (p, m, v in fp32), shared by both row paths below so that they round alike.
-CXF_KERNEL void adamw_element(float& p, float& m, float& v, float g, const Hyper& h) {
-  p *= h.decay;
-  m = h.beta1 * m + (1.f - h.beta1) * g;
-  v = h.beta2 * v + (1.f - h.beta2) * g * g;
-  p -= h.step_size * m / (std::sqrt(v) * h.inv_sqrt_bc2 + h.eps);
-}
-
 // A row with no missed steps to replay (every row in lazy mode; in exact mode, a row also updated at the previous
 // step): a straight loop over the row that vectorises, compiled for the active path (isa.h).
 template <class P, class S>
 CXF_KERNEL void adamw_row_kernel(P* __restrict p_row, S* __restrict m_row, S* __restrict v_row,
-                                 const float* __restrict g_row, int64_t D, const Hyper& h, bool sr, uint32_t row_key) {
+                                 const float* __restrict g_row, int64_t D, const AdamWStep& h, bool sr, uint32_t row_key) {
   for (int64_t d = 0; d < D; ++d) {
     float p = float(p_row[d]), m = float(m_row[d]), v = float(v_row[d]);
     adamw_element(p, m, v, g_row[d], h);
@@ -112,7 +102,7 @@ struct ReplayScratch {
 template <class P, class S>
 CXF_KERNEL void adamw_replay_row_kernel(P* __restrict p_row, S* __restrict m_row, S* __restrict v_row,
                                         const float* __restrict g_row, int64_t D, int64_t first, int64_t step,
-                                        const Hyper& h, const Schedule& sc, bool sr, uint32_t row_key,
+                                        const AdamWStep& h, const Schedule& sc, bool sr, uint32_t row_key,
                                         ReplayScratch& scratch) {
   float* __restrict pb = scratch.p.data();
   float* __restrict mb = scratch.m.data();
@@ -161,23 +151,19 @@ CXF_KERNEL void adamw_replay_row_kernel(P* __restrict p_row, S* __restrict m_row
   }
 }
 
-// Rows updated this many positions ahead are prefetched (param and both moments: three random rows each).
-constexpr int64_t kRowsAhead = 2;
-
 template <class P, class S>
 void update_rows(P* param, S* m_state, S* v_state, const int64_t* rows, const float* grad, int64_t U, int64_t D,
-                 int64_t step, const Hyper& h, const int64_t* last_step, const Schedule* sched, bool sr,
+                 int64_t step, const AdamWStep& h, const int64_t* last_step, const Schedule* sched, bool sr,
                  uint32_t key) {
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     ReplayScratch scratch;
     if (last_step) scratch.resize(D);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t row = rows[u];
-      if (u + kRowsAhead < end) {
-        const int64_t next = rows[u + kRowsAhead];
-        prefetch_row(param + next * D, D * int64_t(sizeof(P)));
-        prefetch_row(m_state + next * D, D * int64_t(sizeof(S)));
-        prefetch_row(v_state + next * D, D * int64_t(sizeof(S)));
+      if (u + kAdamWRowsAhead < end) {
+        const int64_t next = rows[u + kAdamWRowsAhead];
+        prefetch_adamw_rows(param + next * D, D * int64_t(sizeof(P)), m_state + next * D, v_state + next * D,
+                            D * int64_t(sizeof(S)));
       }
       P* p_row = param + row * D;
       S* m_row = m_state + row * D;
@@ -238,9 +224,7 @@ void sparse_adamw_step_cpu(const at::Tensor& param, const at::Tensor& exp_avg, c
     const auto hist = lr_history->contiguous();
     sched = make_schedule(first, step, hist.data_ptr<double>(), beta1, beta2, weight_decay);
   }
-  const Hyper h{float(beta1), float(beta2), float(eps), float(1.0 - lr * weight_decay),
-                float(lr / (1.0 - std::pow(beta1, double(step)))),
-                float(1.0 / std::sqrt(1.0 - std::pow(beta2, double(step))))};
+  const AdamWStep h = adamw_step_constants(step, lr, beta1, beta2, eps, weight_decay);
   const auto g = grad.to(at::kFloat).contiguous();
   const bool sr = stochastic_rounding && param.scalar_type() != at::kFloat;
   const uint32_t key = sr_key(seed, step);
