@@ -269,7 +269,7 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             weights, scales, biases = [q for q, _ in quantised], [sc for _, sc in quantised], list(bf)
         elif tname in fp32_cache:
             Wf, bf = fp32_cache[tname]
-            weights, biases = [w.to(dtype) for w in Wf], [b.to(dtype) for b in bf]
+            weights, biases = [harness.table_as(w, dtype) for w in Wf], [b.to(dtype) for b in bf]
         else:
             weights, biases = make_tables(tree, D, device, dtype, seed)
         harness.synchronize(device)
