@@ -302,3 +302,54 @@ def test_weight_gradients_written_in_the_table_dtype(dtype):
     assert torch.equal(dw, ref_dw.to(dtype))
     assert torch.equal(w_rows, ref_dw[rows].to(dtype))
     assert torch.equal(b_rows, ref_db[rows])
+
+
+def clustered_shortlists(B, clusters, cluster_size, N, generator):
+    """idx [B, clusters * cluster_size]: per document, runs of consecutive ids (the labels of random clusters, so
+    documents share runs), some cut short, shifted off the cluster grid or padded, and one document of scattered ids."""
+    g = generator
+    n_clusters = N // cluster_size
+    starts = torch.randint(0, n_clusters, (B, clusters), generator=g) * cluster_size
+    starts[:, 1] += torch.randint(0, 5, (B,), generator=g)  # runs overlapping another document's run
+    idx = (starts.unsqueeze(-1) + torch.arange(cluster_size)).clamp(max=N - 1).reshape(B, -1)
+    idx[0] = torch.randint(0, N, (idx.shape[1],), generator=g)  # scattered
+    idx[1, : cluster_size] = idx[1, cluster_size: 2 * cluster_size]  # the same run twice in one document
+    pads = torch.rand(B, idx.shape[1], generator=g) < 0.05
+    return idx.masked_fill(pads, -1)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8])
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_batches_grouped_by_shared_runs_equal_per_document_scores(w_dtype, id_dtype):
+    # Batches of >= 128 documents whose ids come in runs of consecutive rows are scored run by run, each run's rows
+    # read once for all documents that hold it. Same dot products as one document at a time: same bits.
+    gen = torch.Generator().manual_seed(21)
+    B, N, D = 140, 3000, 37
+    idx = clustered_shortlists(B, 5, 40, N, gen).to(id_dtype)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64 if w_dtype == torch.float64 else torch.float32)
+    scale = None
+    if w_dtype == torch.int8:
+        w, scale = cx.quantize_table(torch.randn(N, D, generator=gen))
+    else:
+        w = torch.randn(N, D, generator=gen).to(w_dtype)
+    bias = torch.randn(N, generator=gen)
+    kw = {} if scale is None else {"weight_scale": scale}
+    out = cx.shortlist_score(x, w, bias, idx, **kw)
+    for b in range(B):
+        one = cx.shortlist_score(x[b: b + 1], w, bias, idx[b: b + 1], **kw)
+        assert torch.equal(one[0], out[b]), f"document {b}"
+    ref_w = w.float() * scale[:, None] if scale is not None else w
+    assert_scores_equal(out, reference.shortlist_score(x, ref_w, bias, idx.long()),
+                        TOL if w_dtype != torch.float64 else {"rtol": 1e-12, "atol": 1e-12})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_batches_of_scattered_ids_and_long_runs(threads, one_thread):
+    # Scattered ids fall back to the per-document path; a level scored in full (one run of every row per document)
+    # is cut into pieces that spread over the threads. Both must equal the reference.
+    gen = torch.Generator().manual_seed(22)
+    torch.set_num_threads(threads)
+    x = torch.randn(130, 24, generator=gen)
+    w = torch.randn(700, 24, generator=gen)
+    for idx in (torch.randint(-1, 700, (130, 50), generator=gen), torch.arange(700).expand(130, 700)):
+        assert_scores_equal(cx.shortlist_score(x, w, None, idx), reference.shortlist_score(x, w, None, idx))

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/checks.h"
+#include "cpu/prefetch_stream.h"
 #include "cpu/shortlist_score.h"
 #include "cpu/topk.h"
 #include "cpu/vec.h"
@@ -79,28 +80,6 @@ inline float row_score(const float* x, const typename L::T* row, int64_t D, cons
   const float v = dot<L>(x, row, D);
   return scale ? v * scale[r] : v;
 }
-
-// The blocks a search will read next, in order, prefetched a fixed number of bytes ahead of the row being scored:
-// advance(bytes) is called once per row scored, so the prefetches are spread between the dots instead of issued
-// a block at a time (which stalls the core once the miss buffers are full).
-struct PrefetchStream {
-  const char* const* starts = nullptr;  // block j's first byte; its size is bytes[j] (0: nothing to read)
-  const int64_t* bytes = nullptr;
-  int64_t block = 0, end = 0, offset = 0;
-
-  void advance(int64_t n) {
-    while (n > 0 && block < end) {
-      const int64_t take = std::min(n, bytes[block] - offset);
-      prefetch_row(starts[block] + offset, take);
-      offset += take;
-      n -= take;
-      if (offset >= bytes[block]) {
-        ++block;
-        offset = 0;
-      }
-    }
-  }
-};
 
 // scores[j] = <x, W[start + j]> (* scale) (+ bias) for j < n: one contiguous block of rows.
 template <class L>
@@ -186,11 +165,6 @@ inline const float* level_scale(const Level& level) {
   return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
 
-// How far ahead of the row being scored the search prefetches its next rows. Measured on the 2-core EPYC
-// (670K tree, B = 1, one thread, cold caches): 64 KiB streamed row by row took fp32 / bf16 / int8 from 1.78 / 1.38 /
-// 1.02 ms (two whole blocks prefetched at once per block scored) to 1.35 / 0.73 / 0.59 ms; 32 and 96-128 KiB were
-// no better, and issuing a block's ~500 prefetches at once stalled the core on full miss buffers.
-constexpr int64_t kPrefetchBytes = 64 << 10;
 
 // The children block [start, start + size) of `node` (level `level`) must lie in the next level's `rows` and hold at
 // most `width` nodes: both searches check each block they read, just before reading it (a call reads a few hundred

@@ -21,6 +21,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/hugepage_alloc.h"
+#include "cpu/prefetch_stream.h"
 #include "cpu/vec.h"
 
 namespace cxf {
@@ -75,6 +76,115 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
       with_isa([&] { score_ids_kernel<L, I>(x + b * D, w, D, ids + b * K + k0, n, K - k0, scale, o + b * K + k0); });
     }
   });
+}
+
+// Forward grouped by runs. A run is a stretch of a document's shortlist holding consecutive rows, ids[doc, k0 + j] =
+// start + j for j < len (a cluster's labels, a children block). Documents whose shortlists hold the same run are
+// scored together, row by row, so that each of its rows is read from memory once per batch instead of once per
+// document; the runs are visited in row order, their rows prefetched kPrefetchBytes ahead. The same dot product
+// per (document, row) as forward_impl, so the same bits.
+struct Run {
+  int64_t start, k0;
+  int64_t len, doc;
+};
+
+// Batches of at least this many documents whose runs average at least kMinRunLength rows take the grouped path
+// (measured on the 2-core EPYC, K = 16 clusters x 128 of 670K rows: B = 256 one thread fp32 / bf16 / int8 81 / 38 /
+// 24 -> 60-65 / 30-32 / 19-20 ms, two threads fp32 / bf16 55 / 28 -> 39-41 / 21-22 ms; B = 64 within noise)
+constexpr int64_t kGroupedMinDocs = 128;
+constexpr int64_t kMinRunLength = 8;
+constexpr int64_t kRunPieceBytes = 48 << 10;  // runs are cut into pieces of about this many bytes of rows
+
+// The runs of every document (pads get -inf in out), or nothing when they would be shorter than kMinRunLength on
+// average (scattered ids: grouping would cost more than it saves).
+template <class I, class A>
+std::vector<Run> find_runs(const I* ids, int64_t B, int64_t K, int64_t piece, A* out) {
+  std::vector<Run> runs;
+  int64_t valid = 0, natural = 0;  // entries that are not pads, maximal runs
+  for (int64_t b = 0; b < B; ++b) {
+    const I* row = ids + b * K;
+    for (int64_t k = 0; k < K;) {
+      if (row[k] < 0) {
+        out[b * K + k++] = -std::numeric_limits<A>::infinity();
+        continue;
+      }
+      int64_t len = 1;
+      while (k + len < K && int64_t(row[k + len]) == int64_t(row[k]) + len) ++len;
+      // Cut at multiples of `piece` rows: overlapping runs of different documents share their whole pieces, and a
+      // long run (a level scored in full) is spread over the threads.
+      for (int64_t first = int64_t(row[k]), end = first + len; first < end;) {
+        const int64_t stop = std::min(end, (first / piece + 1) * piece);
+        runs.push_back({first, k + (first - int64_t(row[k])), stop - first, b});
+        first = stop;
+      }
+      ++natural;
+      valid += len;
+      k += len;
+      if (natural * kMinRunLength > B * K) return {};  // already too many runs for the entries
+    }
+  }
+  if (natural * kMinRunLength > valid) return {};
+  return runs;
+}
+
+// Groups [g0, g1): rows [start, start + len) of W scored for the documents of each group (runs with that start and
+// length, runs[group_begin[g] .. group_begin[g + 1])).
+template <class L>
+CXF_KERNEL void score_run_groups_kernel(const typename L::A* x, const typename L::T* W, int64_t D, const Run* runs,
+                                        const int64_t* group_begin, int64_t g0, int64_t g1, const float* scale,
+                                        int64_t K, typename L::A* out, PrefetchStream& ahead) {
+  using A = typename L::A;
+  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
+  for (int64_t g = g0; g < g1; ++g) {
+    const Run* group = runs + group_begin[g];
+    const int64_t m = group_begin[g + 1] - group_begin[g], start = group[0].start, len = group[0].len;
+    const typename L::T* row = W + start * D;
+    for (int64_t j = 0; j < len; ++j, row += D) {
+      ahead.advance(row_bytes);
+      for (int64_t i = 0; i < m; ++i) {
+        const A v = dot<L>(x + group[i].doc * D, row, D);
+        out[group[i].doc * K + group[i].k0 + j] = scale ? v * A(scale[start + j]) : v;
+      }
+    }
+  }
+}
+
+// The grouped forward; false (nothing written but pads) when the ids are too scattered for it.
+template <class L, class I>
+bool forward_grouped_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, const float* scale,
+                          at::Tensor& out) {
+  using A = typename L::A;
+  const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
+  A* o = out.data_ptr<A>();
+  const int64_t piece = std::max<int64_t>(16, kRunPieceBytes / (D * int64_t(sizeof(typename L::T))));
+  std::vector<Run> runs = find_runs<I, A>(idx.data_ptr<I>(), B, K, piece, o);
+  if (runs.empty()) return false;
+  std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) {
+    return a.start != b.start ? a.start < b.start : a.len != b.len ? a.len < b.len : a.doc < b.doc;
+  });
+  std::vector<int64_t> group_begin;  // groups: runs [group_begin[g], group_begin[g + 1]) share start and length
+  for (int64_t r = 0; r < int64_t(runs.size()); ++r)
+    if (r == 0 || runs[r].start != runs[r - 1].start || runs[r].len != runs[r - 1].len) group_begin.push_back(r);
+  const int64_t groups = int64_t(group_begin.size());
+  group_begin.push_back(int64_t(runs.size()));
+  const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
+  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
+  std::vector<const char*> starts(groups);
+  std::vector<int64_t> bytes(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    const Run& first = runs[group_begin[g]];
+    starts[g] = reinterpret_cast<const char*>(w + first.start * D);
+    bytes[g] = first.len * row_bytes;
+  }
+  const A* x = xf.data_ptr<A>();
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    PrefetchStream ahead{starts.data(), bytes.data(), begin, end, 0};
+    ahead.advance(kPrefetchBytes);
+    with_isa([&] {
+      score_run_groups_kernel<L>(x, w, D, runs.data(), group_begin.data(), begin, end, scale, K, o, ahead);
+    });
+  });
+  return true;
 }
 
 template <class A, class I>
@@ -300,7 +410,10 @@ at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, co
   const auto ids = idx.contiguous();
   auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(acc));
   if (out.numel() == 0) return out;
-  dispatch_table_and_ids(W, ids, [&]<class L, class I>() { forward_impl<L, I>(xa, W, ids, scale_ptr(scale), out); });
+  dispatch_table_and_ids(W, ids, [&]<class L, class I>() {
+    if (ids.size(0) < kGroupedMinDocs || !forward_grouped_impl<L, I>(xa, W, ids, scale_ptr(scale), out))
+      forward_impl<L, I>(xa, W, ids, scale_ptr(scale), out);
+  });
   if (bias.has_value() && bias->defined())
     dispatch_ids(ids, [&]<class I>() {
       dispatch_acc(acc, [&]<class L>() { add_bias<typename L::A, I>(bias->contiguous(), ids, out); });
