@@ -69,6 +69,39 @@ def test_block_score_and_cascade_search_on_every_path(cpu_isa, w_dtype):
         torch.testing.assert_close(got[1], want[1], **TOL)
 
 
+def _table(w_dtype, N, D, gen):
+    """(table, scale): a random float table in w_dtype, or an int8 one with its per-row scales."""
+    w = torch.randn(N, D, generator=gen)
+    return cx.quantize_table(w) if w_dtype == torch.int8 else (w.to(w_dtype), None)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("w_dtype", STORAGE + [torch.int8])
+def test_rows_shared_by_documents_score_as_one_document_at_a_time(cpu_isa, w_dtype):
+    # The batched kernels (shortlist_score for >= 128 documents in runs, cascade_search for >= 8) score each shared
+    # row once for all its documents; per document the bits must be those of a lone document's search on every
+    # path. Real-valued inputs, D = 150: two 64-lane blocks and a tail.
+    gen = torch.Generator().manual_seed(9)
+    N, D, B = 900, 150, 130
+    w, scale = _table(w_dtype, N, D, gen)
+    idx = ((torch.randint(0, 30, (B, 4), generator=gen) * 30)[..., None] + torch.arange(30)).reshape(B, -1)
+    x = torch.randn(B, D, generator=gen)
+    out = OPS.shortlist_score(x, w, None, idx, False, False, scale)
+    for b in range(0, B, 7):
+        assert torch.equal(OPS.shortlist_score(x[b: b + 1], w, None, idx[b: b + 1], False, False, scale)[0], out[b])
+    sizes, dims = [5, 40, 300], [150, 150, 150]
+    tables = [_table(w_dtype, n, d, gen) for n, d in zip(sizes, dims)]
+    weights, scales = [t for t, _ in tables], ([s for _, s in tables] if w_dtype == torch.int8 else None)
+    offsets = [random_offsets(n, m, gen) for n, m in zip(sizes[:-1], sizes[1:])]
+    features = [torch.randn(12, d, generator=gen) for d in dims]
+    ids, scores = cx.cascade_search(features, weights, [None] * 3, offsets, [2, 6], 8, "leaf_x_parent",
+                                    weight_scales=scales)
+    for b in range(12):
+        one_ids, one_scores = cx.cascade_search([f[b: b + 1] for f in features], weights, [None] * 3, offsets, [2, 6],
+                                                8, "leaf_x_parent", weight_scales=scales)
+        assert torch.equal(one_ids[0], ids[b]) and torch.equal(one_scores[0], scores[b])
+
+
 def test_paths_agree_with_each_other_within_fma_rounding():
     """The same op on every supported path: equal up to the fused multiply-adds' rounding (avx2 and avx512 use
     FMA, scalar does not), so well within TOL; avx2 and avx512 bit for bit."""

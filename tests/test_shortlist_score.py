@@ -320,11 +320,12 @@ def clustered_shortlists(B, clusters, cluster_size, N, generator):
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
-def test_batches_grouped_by_shared_runs_equal_per_document_scores(w_dtype, id_dtype):
+@pytest.mark.parametrize("D", [37, 150])
+def test_batches_grouped_by_shared_runs_equal_per_document_scores(w_dtype, id_dtype, D):
     # Batches of >= 128 documents whose ids come in runs of consecutive rows are scored run by run, each run's rows
     # read once for all documents that hold it. Same dot products as one document at a time: same bits.
     gen = torch.Generator().manual_seed(21)
-    B, N, D = 140, 3000, 37
+    B, N = 140, 3000
     idx = clustered_shortlists(B, 5, 40, N, gen).to(id_dtype)
     x = torch.randn(B, D, generator=gen, dtype=torch.float64 if w_dtype == torch.float64 else torch.float32)
     scale = None
