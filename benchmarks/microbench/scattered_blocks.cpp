@@ -1,5 +1,5 @@
 // How fast one core reads the children blocks of a B = 1 beam: the ceiling behind cascade_search's prefetch
-// (csrc/cpu/search.cpp, kPrefetchBytes). Standalone (no torch); build and run (x86-64 with AVX-512):
+// (csrc/cpu/prefetch_stream.h, kPrefetchBytes). Standalone (no torch); build and run (x86-64 with AVX-512):
 //
 //   g++ -O2 -march=x86-64-v4 -o /tmp/scattered_blocks benchmarks/microbench/scattered_blocks.cpp && /tmp/scattered_blocks
 //
