@@ -41,7 +41,10 @@ except ImportError:  # appended, not prepended: an installed cascadexml_fast kee
 NAME = "cascade"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 INT8 = "int8"  # tables int8 + per-row fp32 scales; features and biases fp32
-METHODS = ("fused", "reference", "dense", "fused_graph")  # fused_graph: CUDA only (the op replayed as a CUDA graph)
+# fused_graph: CUDA only (the op replayed as a CUDA graph). fused_loop: CPU, B = 1 only: the op on a different document
+# each call without flushing caches in between (a serving loop: level 0 and popular nodes stay cached).
+METHODS = ("fused", "reference", "dense", "fused_graph", "fused_loop")
+LOOP_DOCUMENTS = 16  # documents fused_loop cycles through
 
 COLUMNS = ["method", "tree", "dtype", "B", "threads", "ms", "p10_ms", "p90_ms", "n", "ms_per_doc", "docs_per_s",
            "gbps", "pct_roofline", "x_vs_ref", "x_vs_dense", "extra_mb", "rows_touched", "ids_equal", "check", "note"]
@@ -71,7 +74,8 @@ def plan(device: str, preset: str) -> List[Case]:
     """Shapes per device and preset (full / quick / tiny)."""
     frd = ("fused", "reference", "dense")
     if preset == "tiny":
-        return ([Case("tiny", 1, dt, 1, frd) for dt in ("fp32", "bf16")] + [Case("tiny", 5, "fp32", None, frd)]
+        return ([Case("tiny", 1, dt, 1, frd + ("fused_loop",)) for dt in ("fp32", "bf16")]
+                + [Case("tiny", 5, "fp32", None, frd)]
                 + [Case("tiny", 1, INT8, 1, ("fused", "reference"))])
     if device == "cuda":
         allm = ("fused", "reference", "dense", "fused_graph")  # graph last: a failed capture cannot spoil the rest
@@ -84,9 +88,10 @@ def plan(device: str, preset: str) -> List[Case]:
                 Case("670k", 1, "bf16", 1, frd)]
     cases: List[Case] = []
     for dt in ("fp32", "bf16"):
-        cases += [Case("670k", 1, dt, 1, frd), Case("670k", 32, dt, None, frd),
+        cases += [Case("670k", 1, dt, 1, frd + ("fused_loop",)), Case("670k", 32, dt, None, frd),
                   Case("670k", 256, dt, None, ("fused", "reference"))]  # dense at B=256: ~4-11 s a call on 2 cores
-    cases += [Case("670k", 1, INT8, 1, ("fused", "reference")), Case("670k", 256, INT8, None, ("fused", "reference"))]
+    cases += [Case("670k", 1, INT8, 1, ("fused", "reference", "fused_loop")),
+              Case("670k", 256, INT8, None, ("fused", "reference"))]
     return cases
 
 
@@ -293,8 +298,10 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
             want = [m for m in c.methods if (methods is None or m in methods)]
             if not cuda:
                 want = [m for m in want if m != "fused_graph"]
+            if cuda or B != 1:
+                want = [m for m in want if m != "fused_loop"]
             if cx is None:
-                want = [m for m in want if m not in ("fused", "fused_graph")]
+                want = [m for m in want if m not in ("fused", "fused_graph", "fused_loop")]
             if dname == INT8:
                 want = [m for m in want if m != "dense"]  # would dequantise the whole label table
             state: Dict[str, Any] = {"trace": []}
@@ -315,6 +322,16 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                 return cx.cascade_search(X, weights, biases, offsets, beams, k, combine, max_children=mc,
                                          validate=validate)
 
+            loop_features = [make_features(tree, B, D, device, x_dtype, seed + 17 * B + 1 + 1000 * (i + 1))
+                             for i in range(LOOP_DOCUMENTS)] if "fused_loop" in c.methods and not cuda else []
+            loop_turn = [0]
+
+            def loop_call():  # the next document of the cycle
+                loop_turn[0] += 1
+                feats = loop_features[loop_turn[0] % LOOP_DOCUMENTS]
+                return cx.cascade_search(feats, weights, biases, offsets, beams, k, combine, max_children=mc,
+                                         validate=validate, **({"weight_scales": scales} if scales is not None else {}))
+
             def dense_call():
                 return torch.topk(X[-1] @ weights[-1].T + biases[-1], k, dim=1)
 
@@ -334,10 +351,12 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                         if method == "fused_graph":
                             fn = graph_callable(fused_call)
                         else:
-                            fn = {"fused": fused_call, "reference": ref_call, "dense": dense_call}[method]
+                            fn = {"fused": fused_call, "reference": ref_call, "dense": dense_call,
+                                  "fused_loop": loop_call}[method]
                         m = harness.measure_call(fn, device, warmup=timing["warmup"], reps=timing["reps"],
                                                  min_reps=timing["min_reps"], max_time_s=timing["max_time_s"],
-                                                 keep_out=method != "dense")
+                                                 keep_out=method not in ("dense", "fused_loop"),
+                                                 flush=method != "fused_loop")
                     except Exception as exc:  # a failing method is a row with its error, not a crashed run
                         if cuda:
                             try:
@@ -407,6 +426,8 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
                         r.setdefault("check", "unchecked (no reference)")
                 if r["method"] == "dense" and not r.get("note"):
                     r["note"] = "all L labels"
+                if r["method"] == "fused_loop" and not r.get("note"):
+                    r["note"] = f"{LOOP_DOCUMENTS} documents in turn, caches not flushed"
             records += [roof_rec] + case_recs
             state.clear()
             outs.clear()
@@ -420,7 +441,8 @@ def run(cases: Sequence[Case], device: torch.device, timing: Dict[str, Any], *, 
 
 def fill_ratios(records: List[Dict[str, Any]]) -> None:
     """x_vs_ref / x_vs_dense: the reference cascade's / dense's median of the same tree, dtype, B and threads (same
-    run) over this row's median. On a roofline row: the most any method could gain over that baseline."""
+    run) over this row's median. On a roofline row: the most any method could gain over that baseline. None on
+    fused_loop rows: they run with warm caches, the baselines with flushed ones."""
     key = lambda r: (r["tree"], r["dtype"], r["B"], r["threads"])  # noqa: E731
     base: Dict[Tuple, float] = {}
     for r in records:
@@ -429,7 +451,7 @@ def fill_ratios(records: List[Dict[str, Any]]) -> None:
     for r in records:
         for m, col in (("reference", "x_vs_ref"), ("dense", "x_vs_dense")):
             b = base.get(key(r) + (m,))
-            r[col] = b / r["ms"] if (b and r.get("ms")) else None
+            r[col] = b / r["ms"] if (b and r.get("ms") and r["method"] != "fused_loop") else None
 
 
 # ----------------------------------------------------------------------------------------------------------

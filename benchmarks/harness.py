@@ -350,12 +350,13 @@ def measure_call(
     setup: Optional[Callable[[], Any]] = None,
     slow_ms: float = 250.0,
     keep_out: bool = False,
+    flush: bool = True,
 ) -> Dict[str, Any]:
     """One call inside ``PeakMemory`` (warm-up call 1: it also pays one-time costs such as compilation), then
     ``time_fn`` with the remaining ``warmup - 1`` warm-up calls. On CPU a first call slower than ``slow_ms`` gets
     no further warm-up (slow baselines: every extra call costs seconds). Returns ``time_fn``'s dict plus
     ``extra_mb`` (peak extra memory of call 1, None where unmeasurable), ``first_ms`` (call 1's wall time) and
-    ``out`` (call 1's result when ``keep_out``, for correctness checks; else None)."""
+    ``out`` (call 1's result when ``keep_out``, for correctness checks; else None). ``flush`` goes to ``time_fn``."""
     device = resolve_device(device)
     if setup is not None:
         setup()
@@ -370,7 +371,8 @@ def measure_call(
     more = max(0, warmup - 1)
     if device.type != "cuda" and first_ms > slow_ms:
         more = 0
-    t = time_fn(fn, warmup=more, reps=reps, device=device, setup=setup, min_reps=min_reps, max_time_s=max_time_s)
+    t = time_fn(fn, warmup=more, reps=reps, device=device, setup=setup, min_reps=min_reps, max_time_s=max_time_s,
+                flush=flush)
     return dict(t, extra_mb=pm.extra_mb, first_ms=first_ms, out=out)
 
 
