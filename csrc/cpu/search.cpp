@@ -165,7 +165,6 @@ inline const float* level_scale(const Level& level) {
   return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
 
-
 // The children block [start, start + size) of `node` (level `level`) must lie in the next level's `rows` and hold at
 // most `width` nodes: both searches check each block they read, just before reading it (a call reads a few hundred
 // blocks per document, not the 75K of a 670K-label tree, so this is cheaper than checking the whole tree).
@@ -173,6 +172,16 @@ inline void check_block(int64_t level, int64_t node, int64_t start, int64_t size
   TORCH_CHECK(start >= 0 && size >= 0 && size <= width && start + size <= rows, "level ", level, ": node ", node,
               " has children [", start, ", ", start + size, ") (offsets must be non-decreasing, blocks <= ",
               "max_children = ", width, ", within the next level's ", rows, " rows)");
+}
+
+// The bytes of node's children block for the prefetch stream: where it starts in `table` and how long it is; a
+// malformed block (check_block reports it when it is read) and node -1 prefetch nothing.
+inline void block_extent(const int64_t* off, int64_t node, int64_t next_rows, const char* table, int64_t row_bytes,
+                         const char*& first, int64_t& bytes) {
+  const int64_t start = node < 0 ? 0 : off[node], stop = node < 0 ? 0 : std::min(off[node + 1], next_rows);
+  const bool readable = start >= 0 && stop > start;
+  first = readable ? table + start * row_bytes : table;
+  bytes = readable ? (stop - start) * row_bytes : 0;
 }
 
 // Batches of at least this many documents run level by level with the blocks grouped across documents.
@@ -242,12 +251,8 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
     const int64_t num_chosen = int64_t(chosen.size());
     std::vector<const char*> block_starts(num_chosen);
     std::vector<int64_t> block_bytes(num_chosen);
-    for (int64_t g = 0; g < num_chosen; ++g) {
-      const int64_t start = off[chosen[g]], stop = std::min(off[chosen[g] + 1], next_rows);
-      const bool readable = start >= 0 && stop > start;  // a malformed block prefetches nothing; check_block says why
-      block_starts[g] = readable ? table + start * row_bytes : table;
-      block_bytes[g] = readable ? (stop - start) * row_bytes : 0;
-    }
+    for (int64_t g = 0; g < num_chosen; ++g)
+      block_extent(off, chosen[g], next_rows, table, row_bytes, block_starts[g], block_bytes[g]);
     at::parallel_for(0, num_chosen, 4, [&](int64_t begin, int64_t end) {
       PrefetchStream ahead{block_starts.data(), block_bytes.data(), begin, end, 0};
       ahead.advance(kPrefetchBytes);
@@ -453,13 +458,8 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       // prefetched as each row is scored.
       s.block_starts.resize(beam);
       s.block_bytes.resize(beam);
-      for (int64_t j = 0; j < beam; ++j) {  // (a malformed block prefetches nothing; check_block reports it)
-        const int64_t node = s.beam_nodes[j];
-        const int64_t start = node < 0 ? 0 : off[node], stop = node < 0 ? 0 : std::min(off[node + 1], next_rows);
-        const bool readable = start >= 0 && stop > start;
-        s.block_starts[j] = readable ? table + start * row_bytes : table;
-        s.block_bytes[j] = readable ? (stop - start) * row_bytes : 0;
-      }
+      for (int64_t j = 0; j < beam; ++j)
+        block_extent(off, s.beam_nodes[j], next_rows, table, row_bytes, s.block_starts[j], s.block_bytes[j]);
       for_range(beam, 16, [&](int64_t j0, int64_t j1) {
         PrefetchStream ahead{s.block_starts.data(), s.block_bytes.data(), j0, j1, 0};
         ahead.advance(kPrefetchBytes);
