@@ -6,14 +6,9 @@
 // (round half to even; an all-zero block has absmax 0 and codes 128 / 0). Per touched row and block: dequantise,
 // one fp32 AdamW step in the order of sparse_adamw_step's kernel, then requantise with the block's fresh absmax.
 
-// No FMA contraction (as optim.cpp): the C++ kernel equals the reference bit for bit. Set before the includes so that
+// No FMA contraction (as optim.cpp): the C++ kernel equals the reference bit for bit. The header is first, so that
 // the vector paths instantiated here (with_isa) take it.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-#define CXF_NO_FP_CONTRACT 1
+#include "cpu/no_fp_contract.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

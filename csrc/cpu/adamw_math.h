@@ -3,14 +3,11 @@
 //
 // Every multiply and add is rounded on its own, never fused into an FMA: the reference (ops/reference.py) and the
 // Triton kernels round that way, and the tests compare bits. An includer must therefore compile without FMA
-// contraction: it sets the pragma below before any include and defines CXF_NO_FP_CONTRACT, which this header checks.
-//
-//   #pragma GCC optimize("fp-contract=off")   (clang: #pragma clang fp contract(off))
-//   #define CXF_NO_FP_CONTRACT 1
+// contraction: it includes cpu/no_fp_contract.h before anything else, which this header checks.
 #pragma once
 
 #ifndef CXF_NO_FP_CONTRACT
-#error "adamw_math.h: compile the including file without FMA contraction and define CXF_NO_FP_CONTRACT (see above)"
+#error "adamw_math.h: include cpu/no_fp_contract.h first in the including file (see above)"
 #endif
 
 #include <cmath>

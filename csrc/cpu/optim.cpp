@@ -8,14 +8,8 @@
 
 // Every multiply and add of an update is rounded on its own, never fused into an FMA: the reference
 // (ops/reference.py) and the Triton kernel round the same way, so all backends give the same bits (tested with
-// stochastic rounding). Set before the includes, so that the vector paths this file instantiates (with_isa, isa.h)
-// and everything inlined into them take it (adamw_math.h checks CXF_NO_FP_CONTRACT).
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-#define CXF_NO_FP_CONTRACT 1
+// stochastic rounding). The header is first, so that everything this file instantiates takes it.
+#include "cpu/no_fp_contract.h"
 
 #include "cpu/optim.h"
 
