@@ -32,7 +32,7 @@ def one_thread():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-from cascadexml_fast._extension import CPU_ISAS  # noqa: E402,F401  (the vector path names, best first)
+from cascadexml_fast._extension import CPU_ISAS  # noqa: E402,F401  (the vector path names, the default first)
 
 
 def _cpu_paths_line() -> str:
@@ -60,7 +60,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture
 def cpu_isa(request):
     """Forces one vector path of the C++ CPU kernels (request.param: avx512, avx2 or scalar) for a test, skipping
-    where the CPU lacks it, then restores the CPU's best."""
+    where the CPU lacks it, then restores the default."""
     import cascadexml_fast as cx
     from cascadexml_fast import _extension
 

@@ -1,7 +1,11 @@
-// Which vector code path the CPU kernels run: AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) or baseline ("scalar":
-// whatever the compiler's default target vectorises, SSE2 on x86-64), chosen at run time with one portable build.
+// Which vector code path the CPU kernels run: AVX-512 with its dot-product instructions ("avx512_dot": x86-64-v4 +
+// AVX512_BF16 + AVX512_VNNI, e.g. Zen 4, Sapphire Rapids), AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) or baseline
+// ("scalar": whatever the compiler's default target vectorises, SSE2 on x86-64), chosen at run time with one
+// portable build. avx512_dot runs the avx512 code everywhere but in the dot products of bf16 and int8 table rows
+// (row_dot.cpp, query.h).
 //
-// The best path the CPU supports is picked when the library loads; set_cpu_isa() forces another one (the
+// The default path (avx512, else avx2, else scalar: avx512_dot is opt-in, isa.cpp says why) is picked when the
+// library loads; set_cpu_isa() forces another one (the
 // CASCADEXML_FAST_CPU_ISA environment variable, read by the Python package at import, and the tests, which run
 // every path this CPU supports). A hot kernel is written once as an always-inline template and called through
 // with_isa(): each path is a flatten-ed wrapper with its own target attribute, so the whole kernel is inlined
@@ -11,14 +15,14 @@
 
 namespace cxf {
 
-enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Dot = 3 };
 
 extern int g_active_isa;  // the path in use (an Isa value); written only by set_cpu_isa
 
 inline int active_isa() { return g_active_isa; }
-const char* isa_name(int isa);          // "scalar", "avx2", "avx512"
+const char* isa_name(int isa);          // "scalar", "avx2", "avx512", "avx512_dot"
 bool isa_supported(int isa);            // by this CPU and this build
-int best_isa();                         // the best supported path
+int best_isa();                         // the default path: avx512, else avx2, else scalar
 int set_cpu_isa(const char* name);      // "auto" or a path name: 1 = set, 0 = CPU lacks it, -1 = unknown name
 
 #define CXF_KERNEL __attribute__((always_inline)) inline
@@ -38,6 +42,7 @@ template <class F>
 inline void with_isa(const F& f) {
 #ifdef CXF_X86_PATHS
   switch (g_active_isa) {
+    case kIsaAvx512Dot:  // the generic kernels are avx512's; only the row dots differ (row_dot.cpp)
     case kIsaAvx512: run_avx512(f); return;
     case kIsaAvx2: run_avx2(f); return;
     default: break;

@@ -3,7 +3,7 @@
 // The generic loader loop (vec.h dot<L>) keeps 32 lanes in one FMA chain per vector and ends with a serial sum of
 // the 32 lanes, which for a 768-long row costs about as much as reading the row from DRAM (bf16 and int8 rows
 // most: they are half and a quarter of the bytes). Here each ISA gets explicit code, following the kernels' active
-// path (isa.h: the CPU's best, or the one set_cpu_isa forces):
+// path (isa.h: the default, or the one set_cpu_isa forces):
 //
 //   avx512 (x86-64-v4)  4 zmm accumulators of 16 lanes; rows widened to fp32 in registers (bf16: zero-extend and
 //                       shift into the high half; int8: vpmovsxbd + vcvtdq2ps), then vfmadd
@@ -14,8 +14,21 @@
 // (L[j] + L[j+16]) + (L[j+32] + L[j+48]), then halving (j + 8, j + 4, j + 2, j + 1); the D % 64 trailing elements
 // are summed in order and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the
 // rounding of the fused multiply-adds. Results never depend on the thread count.
+//
+//   avx512_dot          fp32 (and fp16) rows as avx512. bf16 and int8 rows against the two parts of x that query.h
+//                       prepares once per document, so the rows are multiplied as stored, without widening:
+//                       bf16: vdpbf16ps on x = hi + lo (bf16), products exact in fp32, hi and lo in their own
+//                       accumulators; int8: vpdpwssd on x = s (hi + lo / 2^15) (int16, s a power of two), summed
+//                       exactly in int32 / int64 and scaled once. Per 64 elements of a row that is 4 dot
+//                       instructions instead of 4 widenings + 4 conversions or shifts + 4 FMAs, which on Zen 4's
+//                       double-pumped units is where one thread spent its time on bf16 and int8 rows
+//                       (benchmarks/microbench/hot_rows.py).
 #include "cpu/isa.h"
 #include "cpu/vec.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() (GCC bug 105593): harmless.
@@ -116,6 +129,99 @@ __attribute__((target("arch=x86-64-v3"))) float dot_avx2(const float* __restrict
   for (; i < D; ++i) tail += x[i] * widen(w[i]);
   return total + tail;
 }
+
+// ---- avx512_dot: the rows as stored, through the dot-product instructions
+//
+// Up to 4 rows against one query at a time: each 32-element slice of the parts is loaded once for all of them (one
+// row at a time, loading the parts was as slow as the widening it replaces). Every row keeps its own accumulators in
+// the same order whatever the number of rows, so a row's score has the same bits alone or beside others.
+
+#define CXF_AVX512_DOT __attribute__((target("arch=x86-64-v4,avx512bf16,avx512vnni")))
+
+// A mask of the first min(n, 32) elements: the rows' last slice (the parts are zero-padded to 32).
+CXF_AVX512_DOT inline __mmask32 first_lanes(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+
+// bf16 rows: per row, hi and lo products in separate accumulators, even and odd 64-element halves apart (4 chains of
+// D / 64 dependent vdpbf16ps), the last partial slice into the even ones, summed as (h0 + h1) + (l0 + l1).
+template <int R>
+CXF_AVX512_DOT void dot_bf16_parts_avx512(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows,
+                                          int64_t D, float* out) {
+  __m512 h0[R], h1[R], l0[R], l1[R];
+  for (int r = 0; r < R; ++r) h0[r] = h1[r] = l0[r] = l1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= D; i += 64) {
+    const __m512bh xh0 = (__m512bh)_mm512_loadu_si512(hi + i), xh1 = (__m512bh)_mm512_loadu_si512(hi + i + 32);
+    const __m512bh xl0 = (__m512bh)_mm512_loadu_si512(lo + i), xl1 = (__m512bh)_mm512_loadu_si512(lo + i + 32);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(rows[r] + i);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(rows[r] + i + 32);
+      h0[r] = _mm512_dpbf16_ps(h0[r], w0, xh0);
+      h1[r] = _mm512_dpbf16_ps(h1[r], w1, xh1);
+      l0[r] = _mm512_dpbf16_ps(l0[r], w0, xl0);
+      l1[r] = _mm512_dpbf16_ps(l1[r], w1, xl1);
+    }
+  }
+  for (; i < D; i += 32) {
+    const __mmask32 m = first_lanes(D - i);
+    const __m512bh xh = (__m512bh)_mm512_loadu_si512(hi + i), xl = (__m512bh)_mm512_loadu_si512(lo + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[r] + i);
+      h0[r] = _mm512_dpbf16_ps(h0[r], w, xh);
+      l0[r] = _mm512_dpbf16_ps(l0[r], w, xl);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(h0[r], h1[r]), _mm512_add_ps(l0[r], l1[r])));
+}
+
+// Sum of the 16 int32 lanes in int64.
+CXF_AVX512_DOT inline int64_t lanes_sum(__m512i v) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+
+// Elements per int32 accumulation: a lane gains 2 products of |w| <= 128 and |part| <= 2^14 per 32 elements, so
+// 2^13 elements keep every lane below 2^30.
+constexpr int64_t kInt32Span = int64_t(1) << 13;
+
+// int8 rows: integer sums, exact in any order; one rounding in double (2^-53) and one to float.
+template <int R>
+CXF_AVX512_DOT void dot_i8_parts_avx512(const int16_t* hi, const int16_t* lo, double scale,
+                                        const int8_t* const* rows, int64_t D, float* out) {
+  int64_t sum_hi[R] = {}, sum_lo[R] = {};
+  for (int64_t c = 0; c < D; c += kInt32Span) {
+    const int64_t end = std::min(D, c + kInt32Span);
+    __m512i h[R], l[R];
+    for (int r = 0; r < R; ++r) h[r] = l[r] = _mm512_setzero_si512();
+    int64_t i = c;
+    for (; i + 32 <= end; i += 32) {
+      const __m512i xh = _mm512_loadu_si512(hi + i), xl = _mm512_loadu_si512(lo + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + i)));
+        h[r] = _mm512_dpwssd_epi32(h[r], w, xh);
+        l[r] = _mm512_dpwssd_epi32(l[r], w, xl);
+      }
+    }
+    if (i < end) {
+      const __mmask32 m = first_lanes(end - i);
+      const __m512i xh = _mm512_loadu_si512(hi + i), xl = _mm512_loadu_si512(lo + i);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, rows[r] + i));
+        h[r] = _mm512_dpwssd_epi32(h[r], w, xh);
+        l[r] = _mm512_dpwssd_epi32(l[r], w, xl);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sum_hi[r] += lanes_sum(h[r]);
+      sum_lo[r] += lanes_sum(l[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = float(scale * (double(sum_hi[r]) + double(sum_lo[r]) * 0x1p-15));
+}
 #endif
 
 // The path in use is the kernels' (isa.h): forcing a path with set_cpu_isa switches these dots too.
@@ -123,6 +229,7 @@ template <class T>
 inline float dot_active(const float* x, const T* w, int64_t D) {
 #ifdef CXF_X86_DOT
   switch (active_isa()) {
+    case kIsaAvx512Dot:  // bf16 and int8 rows without prepared parts (query.h: non-finite x) read x as avx512 does
     case kIsaAvx512: return dot_avx512<T>(x, w, D);
     case kIsaAvx2: return dot_avx2<T>(x, w, D);
     default: break;
@@ -136,5 +243,32 @@ inline float dot_active(const float* x, const T* w, int64_t D) {
 float dot_f32(const float* x, const float* w, int64_t D) { return dot_active<float>(x, w, D); }
 float dot_bf16(const float* x, const uint16_t* w, int64_t D) { return dot_active<uint16_t>(x, w, D); }
 float dot_i8(const float* x, const int8_t* w, int64_t D) { return dot_active<int8_t>(x, w, D); }
+
+// Parts exist only where the avx512_dot path is supported (query.h prepares them there and nowhere else).
+void dot_bf16_parts(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows, int n, int64_t D,
+                    float* out) {
+#ifdef CXF_X86_DOT
+  switch (n) {
+    case 1: return dot_bf16_parts_avx512<1>(hi, lo, rows, D, out);
+    case 2: return dot_bf16_parts_avx512<2>(hi, lo, rows, D, out);
+    case 3: return dot_bf16_parts_avx512<3>(hi, lo, rows, D, out);
+    case 4: return dot_bf16_parts_avx512<4>(hi, lo, rows, D, out);
+  }
+#endif
+  TORCH_CHECK(false, "dot_bf16_parts: ", n, " rows (1 to ", kDotRows, " on the avx512_dot path only)");
+}
+
+void dot_i8_parts(const int16_t* hi, const int16_t* lo, double scale, const int8_t* const* rows, int n, int64_t D,
+                  float* out) {
+#ifdef CXF_X86_DOT
+  switch (n) {
+    case 1: return dot_i8_parts_avx512<1>(hi, lo, scale, rows, D, out);
+    case 2: return dot_i8_parts_avx512<2>(hi, lo, scale, rows, D, out);
+    case 3: return dot_i8_parts_avx512<3>(hi, lo, scale, rows, D, out);
+    case 4: return dot_i8_parts_avx512<4>(hi, lo, scale, rows, D, out);
+  }
+#endif
+  TORCH_CHECK(false, "dot_i8_parts: ", n, " rows (1 to ", kDotRows, " on the avx512_dot path only)");
+}
 
 }  // namespace cxf

@@ -11,6 +11,7 @@
 
 #include "cpu/checks.h"
 #include "cpu/prefetch_stream.h"
+#include "cpu/query.h"
 #include "cpu/shortlist_score.h"
 #include "cpu/topk.h"
 #include "cpu/vec.h"
@@ -74,65 +75,76 @@ struct BiasView {
   }
 };
 
-// <x, row> of table row r, times the row's scale for an int8 table (scale != nullptr), as shortlist_score.
+// out[r] = <x, W[first + r]> (times the row's scale for an int8 table, scale != nullptr, as shortlist_score) for
+// r < n <= kDotRows consecutive rows, the next n rows of the prefetch stream.
 template <class L>
-inline float row_score(const float* x, const typename L::T* row, int64_t D, const float* scale, int64_t r) {
-  const float v = dot<L>(x, row, D);
-  return scale ? v * scale[r] : v;
+inline void rows_score(const Query<float>& x, const typename L::T* W, int64_t D, int64_t first, int n,
+                       const float* scale, float* out, PrefetchStream* ahead) {
+  const typename L::T* rows[kDotRows];
+  for (int r = 0; r < n; ++r) {
+    if (ahead) ahead->advance(D * int64_t(sizeof(typename L::T)));
+    rows[r] = W + (first + r) * D;
+  }
+  dot_rows<L>(x, rows, n, D, out);
+  if (scale)
+    for (int r = 0; r < n; ++r) out[r] *= scale[first + r];
 }
 
 // scores[j] = <x, W[start + j]> (* scale) (+ bias) for j < n: one contiguous block of rows.
 template <class L>
-CXF_KERNEL void score_block_kernel(const float* x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
+CXF_KERNEL void score_block_kernel(const Query<float>& x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
                                    BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
-  const typename L::T* row = W + start * D;
-  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
-  for (int64_t j = 0; j < n; ++j, row += D) {
-    if (ahead) ahead->advance(row_bytes);
-    out[j] = row_score<L>(x, row, D, scale, start + j) + bias(start + j);
+  for (int64_t j = 0; j < n; j += kDotRows) {
+    const int rows = int(std::min<int64_t>(kDotRows, n - j));
+    rows_score<L>(x, W, D, start + j, rows, scale, out + j, ahead);
+    for (int r = 0; r < rows; ++r) out[j + r] += bias(start + j + r);
   }
 }
 
-using BlockScorer = void (*)(const float*, const void*, int64_t, int64_t, int64_t, BiasView, const float*, float*,
-                             PrefetchStream*);
+using BlockScorer = void (*)(const Query<float>&, const void*, int64_t, int64_t, int64_t, BiasView, const float*,
+                             float*, PrefetchStream*);
 
 template <class L>
-void score_block_erased(const float* x, const void* W, int64_t D, int64_t start, int64_t n, BiasView bias,
+void score_block_erased(const Query<float>& x, const void* W, int64_t D, int64_t start, int64_t n, BiasView bias,
                         const float* scale, float* out, PrefetchStream* ahead) {
   const auto* w = static_cast<const typename L::T*>(W);
   with_isa([&] { score_block_kernel<L>(x, w, D, start, n, bias, scale, out, ahead); });
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
-// are the outer loop, so each row is read from memory once and reused from L1 by every document.
+// (kDotRows at a time) are the outer loop, so each row is read from memory once and reused from L1 by every document.
 template <class L>
-CXF_KERNEL void score_block_docs_kernel(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base,
+CXF_KERNEL void score_block_docs_kernel(const Query<float>* X, int64_t D, const int64_t* doc, const int64_t* out_base,
                                         int64_t m, const typename L::T* W, int64_t start, int64_t n,
                                         BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
-  const typename L::T* row = W + start * D;
-  const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
-  for (int64_t j = 0; j < n; ++j, row += D) {
-    if (ahead) ahead->advance(row_bytes);
-    const float b = bias(start + j);
-    for (int64_t i = 0; i < m; ++i) out[out_base[i] + j] = row_score<L>(X + doc[i] * D, row, D, scale, start + j) + b;
+  for (int64_t j = 0; j < n; j += kDotRows) {
+    const int rows = int(std::min<int64_t>(kDotRows, n - j));
+    float b[kDotRows], v[kDotRows];
+    for (int r = 0; r < rows; ++r) b[r] = bias(start + j + r);
+    for (int64_t i = 0; i < m; ++i) {
+      rows_score<L>(X[doc[i]], W, D, start + j, rows, scale, v, i == 0 ? ahead : nullptr);
+      for (int r = 0; r < rows; ++r) out[out_base[i] + j + r] = v[r] + b[r];
+    }
   }
 }
 
-using GroupScorer = void (*)(const float*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
+using GroupScorer = void (*)(const Query<float>*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
                              int64_t, BiasView, const float*, float*, PrefetchStream*);
 
 template <class L>
-void score_block_docs_erased(const float* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
+void score_block_docs_erased(const Query<float>* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,
                              const void* W, int64_t start, int64_t n, BiasView bias, const float* scale,
                              float* out, PrefetchStream* ahead) {
   const auto* w = static_cast<const typename L::T*>(W);
   with_isa([&] { score_block_docs_kernel<L>(X, D, doc, out_base, m, w, start, n, bias, scale, out, ahead); });
 }
 
-// One level's inputs, prepared once per call: fp32 features, the table and the bias in their own dtypes (and the
-// per-row fp32 scales of an int8 table).
+// One level's inputs, prepared once per call: fp32 features (and their parts for the table's dot, query.h), the
+// table and the bias in their own dtypes (and the per-row fp32 scales of an int8 table).
 struct Level {
   at::Tensor x, W, bias, offsets, scale;
+  Queries<float> queries;
+  Parts parts = Parts::kNone;
   BiasView bias_view;
   BlockScorer scorer = nullptr;
   GroupScorer group_scorer = nullptr;
@@ -144,18 +156,22 @@ void set_scorers(Level& level) {
     case at::kFloat:
       level.scorer = &score_block_erased<F32>;
       level.group_scorer = &score_block_docs_erased<F32>;
+      level.parts = parts_for_rows<F32>();
       break;
     case at::kBFloat16:
       level.scorer = &score_block_erased<BF16>;
       level.group_scorer = &score_block_docs_erased<BF16>;
+      level.parts = parts_for_rows<BF16>();
       break;
     case at::kHalf:
       level.scorer = &score_block_erased<F16>;
       level.group_scorer = &score_block_docs_erased<F16>;
+      level.parts = parts_for_rows<F16>();
       break;
     case at::kChar:
       level.scorer = &score_block_erased<I8>;
       level.group_scorer = &score_block_docs_erased<I8>;
+      level.parts = parts_for_rows<I8>();
       break;
     default: TORCH_CHECK(false, "cascade_search: unsupported table dtype ", level.W.scalar_type());
   }
@@ -199,7 +215,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
   std::vector<int64_t> ids(B * K);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, 0, n0,
+      lv[0].scorer(lv[0].queries[b], lv[0].W.data_ptr(), lv[0].D, 0, n0,
                    lv[0].bias_view, level_scale(lv[0]), scores.data() + b * K, nullptr);
       for (int64_t i = 0; i < n0; ++i) ids[b * K + i] = i;
     }
@@ -260,7 +276,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
         const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
         const int64_t start = off[node], size = off[node + 1] - start;
         check_block(l - 1, node, start, size, width, next_rows);
-        lv[l].group_scorer(lv[l].x.data_ptr<float>(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
+        lv[l].group_scorer(lv[l].queries.data(), lv[l].D, pair_doc.data() + first, pair_base.data() + first, m,
                            lv[l].W.data_ptr(), start, size, bias, level_scale(lv[l]), next_scores.data(), &ahead);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t t = 0; t < size; ++t) next_ids[pair_base[first + i] + t] = start + t;
@@ -375,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
     if (has_tensor(scale)) lv[l].scale = scale->contiguous();
     set_scorers(lv[l]);
     lv[l].D = W.size(1);
+    lv[l].queries = Queries<float>(lv[l].x.data_ptr<float>(), B, lv[l].D, lv[l].parts);
     const auto& b = biases.get(l);
     if (b.has_value() && b->defined()) {
       TORCH_CHECK(b->dim() == 1 && b->size(0) == W.size(0), "level ", l, ": bias must have shape [", W.size(0), "]");
@@ -430,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       const int64_t bytes = (r1 - r0) * lv[0].D * lv[0].W.element_size();
       PrefetchStream ahead{&first, &bytes, 0, 1, 0};
       ahead.advance(kPrefetchBytes);
-      lv[0].scorer(lv[0].x.data_ptr<float>() + b * lv[0].D, lv[0].W.data_ptr(), lv[0].D, r0, r1 - r0,
+      lv[0].scorer(lv[0].queries[b], lv[0].W.data_ptr(), lv[0].D, r0, r1 - r0,
                    lv[0].bias_view, level_scale(lv[0]), s.scores.data() + r0, &ahead);
     });
     s.parent.assign(n0, 0.f);
@@ -450,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
       s.parent.resize(beam * width);
       const int64_t* off = lv[l - 1].offsets.data_ptr<int64_t>();
       const int64_t next_rows = lv[l].W.size(0);
-      const float* xb = lv[l].x.data_ptr<float>() + b * lv[l].D;
+      const Query<float>& xb = lv[l].queries[b];
       const BiasView bias = lv[l].bias_view;
       const int64_t row_bytes = lv[l].D * lv[l].W.element_size();
       const char* table = static_cast<const char*>(lv[l].W.data_ptr());

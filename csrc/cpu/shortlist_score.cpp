@@ -22,6 +22,7 @@
 #include "cpu/checks.h"
 #include "cpu/hugepage_alloc.h"
 #include "cpu/prefetch_stream.h"
+#include "cpu/query.h"
 #include "cpu/vec.h"
 
 namespace cxf {
@@ -40,23 +41,33 @@ constexpr int64_t kPrefetchAhead = 6;
 // rows are prefetched too so that the next item starts with its first rows in flight.
 // scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr.
 template <class L, class I>
-CXF_KERNEL void score_ids_kernel(const typename L::A* xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
+CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
                                  int64_t readable, const float* scale, typename L::A* out) {
   using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   const int64_t ahead = std::min(kPrefetchAhead, readable);
   for (int64_t k = 0; k < ahead; ++k)
     if (ids[k] >= 0) prefetch_row(W + int64_t(ids[k]) * D, row_bytes);
+  // Rows are scored kDotRows at a time (vec.h dot_rows: the same bits as one at a time); pads get -inf.
+  const typename L::T* rows[kDotRows];
+  int64_t slot[kDotRows];
+  A v[kDotRows];
+  int pending = 0;
   for (int64_t k = 0; k < n; ++k) {
     if (k + kPrefetchAhead < readable && ids[k + kPrefetchAhead] >= 0)
       prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D, row_bytes);
     const int64_t id = ids[k];
     if (id < 0) {
       out[k] = -std::numeric_limits<A>::infinity();
-      continue;
+    } else {
+      rows[pending] = W + id * D;
+      slot[pending++] = k;
     }
-    const A v = dot<L>(xb, W + id * D, D);
-    out[k] = scale ? v * A(scale[id]) : v;
+    if (pending == kDotRows || (k + 1 == n && pending > 0)) {
+      dot_rows<L>(xb, rows, pending, D, v);
+      for (int r = 0; r < pending; ++r) out[slot[r]] = scale ? v[r] * A(scale[ids[slot[r]]]) : v[r];
+      pending = 0;
+    }
   }
 }
 
@@ -65,7 +76,7 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
                   at::Tensor& out) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
   using A = typename L::A;
-  const A* x = xf.data_ptr<A>();
+  const auto queries = queries_for<L>(xf.data_ptr<A>(), B, D);
   const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
   const I* ids = idx.data_ptr<I>();
   A* o = out.data_ptr<A>();
@@ -73,7 +84,7 @@ void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& i
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, k0 = (t % blocks) * kIdsPerTask, n = std::min(kIdsPerTask, K - k0);
-      with_isa([&] { score_ids_kernel<L, I>(x + b * D, w, D, ids + b * K + k0, n, K - k0, scale, o + b * K + k0); });
+      with_isa([&] { score_ids_kernel<L, I>(queries[b], w, D, ids + b * K + k0, n, K - k0, scale, o + b * K + k0); });
     }
   });
 }
@@ -130,7 +141,7 @@ std::vector<Run> find_runs(const I* ids, int64_t B, int64_t K, int64_t piece, A*
 // Groups [g0, g1): rows [start, start + len) of W scored for the documents of each group (runs with that start and
 // length, runs[group_begin[g] .. group_begin[g + 1])).
 template <class L>
-CXF_KERNEL void score_run_groups_kernel(const typename L::A* x, const typename L::T* W, int64_t D, const Run* runs,
+CXF_KERNEL void score_run_groups_kernel(const Queries<typename L::A>& x, const typename L::T* W, int64_t D, const Run* runs,
                                         const int64_t* group_begin, int64_t g0, int64_t g1, const float* scale,
                                         int64_t K, typename L::A* out, PrefetchStream& ahead) {
   using A = typename L::A;
@@ -139,11 +150,18 @@ CXF_KERNEL void score_run_groups_kernel(const typename L::A* x, const typename L
     const Run* group = runs + group_begin[g];
     const int64_t m = group_begin[g + 1] - group_begin[g], start = group[0].start, len = group[0].len;
     const typename L::T* row = W + start * D;
-    for (int64_t j = 0; j < len; ++j, row += D) {
-      ahead.advance(row_bytes);
+    for (int64_t j = 0; j < len; j += kDotRows) {  // kDotRows rows at a time for every document
+      const int n = int(std::min<int64_t>(kDotRows, len - j));
+      const typename L::T* rows[kDotRows];
+      for (int r = 0; r < n; ++r) {
+        ahead.advance(row_bytes);
+        rows[r] = row + (j + r) * D;
+      }
+      A v[kDotRows];
       for (int64_t i = 0; i < m; ++i) {
-        const A v = dot<L>(x + group[i].doc * D, row, D);
-        out[group[i].doc * K + group[i].k0 + j] = scale ? v * A(scale[start + j]) : v;
+        dot_rows<L>(x[group[i].doc], rows, n, D, v);
+        A* o = out + group[i].doc * K + group[i].k0 + j;
+        for (int r = 0; r < n; ++r) o[r] = scale ? v[r] * A(scale[start + j + r]) : v[r];
       }
     }
   }
@@ -176,7 +194,7 @@ bool forward_grouped_impl(const at::Tensor& xf, const at::Tensor& W, const at::T
     starts[g] = reinterpret_cast<const char*>(w + first.start * D);
     bytes[g] = first.len * row_bytes;
   }
-  const A* x = xf.data_ptr<A>();
+  const auto x = queries_for<L>(xf.data_ptr<A>(), B, D);
   at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
     PrefetchStream ahead{starts.data(), bytes.data(), begin, end, 0};
     ahead.advance(kPrefetchBytes);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/isa.h"
 
@@ -96,6 +97,14 @@ float dot_f32(const float* x, const float* w, int64_t D);      // the active pat
 float dot_bf16(const float* x, const uint16_t* w, int64_t D);  // w: bf16 bits
 float dot_i8(const float* x, const int8_t* w, int64_t D);
 
+// The avx512_dot path's dots (row_dot.cpp): n <= kDotRows rows against features in two parts (query.h), hi and lo
+// zero-padded to a multiple of 32 elements; out[r] has the same bits whatever n. bf16 rows: x ~ hi + lo (bf16
+// bits) through vdpbf16ps; int8 rows: x ~ scale * (hi + lo / 2^15) (int16) through vpdpwssd, summed exactly.
+constexpr int kDotRows = 4;
+void dot_bf16_parts(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows, int n, int64_t D, float* out);
+void dot_i8_parts(const int16_t* hi, const int16_t* lo, double scale, const int8_t* const* rows, int n, int64_t D,
+                  float* out);
+
 template <>
 inline float dot<F32>(const float* __restrict x, const float* __restrict w, int64_t D) {
   return dot_f32(x, w, D);
@@ -109,6 +118,39 @@ inline float dot<BF16>(const float* __restrict x, const uint16_t* __restrict w, 
 template <>
 inline float dot<I8>(const float* __restrict x, const int8_t* __restrict w, int64_t D) {
   return dot_i8(x, w, D);
+}
+
+// One document's features as the row dots read them. x always; `hi`/`lo` only where query.h prepared the two parts
+// of x for the avx512_dot path's bf16 or int8 rows (bf16 bits or int16, `stride` apart per document); nullptr
+// otherwise, and the dot reads x.
+template <class A>
+struct Query {
+  const A* x = nullptr;
+  const void* hi = nullptr;
+  const void* lo = nullptr;
+  double scale = 1.0;  // int8 rows: x ~ scale * (hi + lo / 2^15)
+};
+
+// out[r] = <x, rows[r]> for r < n <= kDotRows, each the bits of a lone dot<L>(q, rows[r], D): where the parts are
+// prepared the rows share each load of them, elsewhere they are scored one by one.
+template <class L>
+inline void dot_rows(const Query<typename L::A>& q, const typename L::T* const* rows, int n, int64_t D,
+                     typename L::A* out) {
+  if constexpr (std::is_same_v<L, BF16>) {
+    if (q.hi) return dot_bf16_parts(static_cast<const uint16_t*>(q.hi), static_cast<const uint16_t*>(q.lo), rows, n,
+                                    D, out);
+  } else if constexpr (std::is_same_v<L, I8>) {
+    if (q.hi) return dot_i8_parts(static_cast<const int16_t*>(q.hi), static_cast<const int16_t*>(q.lo), q.scale,
+                                  rows, n, D, out);
+  }
+  for (int r = 0; r < n; ++r) out[r] = dot<L>(q.x, rows[r], D);
+}
+
+template <class L>
+inline typename L::A dot(const Query<typename L::A>& q, const typename L::T* __restrict w, int64_t D) {
+  typename L::A v;
+  dot_rows<L>(q, &w, 1, D, &v);
+  return v;
 }
 
 // acc[0:D] += a * w[0:D]
