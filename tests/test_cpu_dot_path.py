@@ -45,12 +45,13 @@ def _exact(x, w_float, idx):
     return (xd * wd).sum(-1), (xd.abs() * wd.abs()).sum(-1)
 
 
-@pytest.mark.parametrize("D", [5, 31, 32, 77, 768, 9000])
-def test_int8_rows_within_the_stated_bound(dot_path, D):
+@pytest.mark.parametrize("D,magnitude", [(5, 1.0), (31, 1.0), (32, 1.0), (77, 1.0), (768, 1.0), (9000, 1.0),
+                                         (77, 1e-30), (77, 1e30)])  # exponents beyond +-100: the split in double
+def test_int8_rows_within_the_stated_bound(dot_path, D, magnitude):
     gen = torch.Generator().manual_seed(D)
     N, B, K = 60, 5, 23
     q, scale = cx.quantize_table(torch.randn(N, D, generator=gen))
-    x = torch.randn(B, D, generator=gen) * torch.logspace(-3, 3, B)[:, None]  # features of every magnitude
+    x = torch.randn(B, D, generator=gen) * torch.logspace(-3, 3, B)[:, None] * magnitude  # every magnitude
     idx = torch.randint(0, N, (B, K), generator=gen)
     out = OPS.shortlist_score(x, q, None, idx, False, False, scale)
     want = _exact(x, q, idx)[0] * scale.double()[idx]  # the scale applied to the exact <x, q>, as the kernel does

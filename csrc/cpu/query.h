@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -48,9 +49,9 @@ class Queries {
     if constexpr (std::is_same_v<A, float>) {
       if (parts == Parts::kNone) return;
       const int64_t stride = parts_stride(D);
-      parts_.resize(size_t(B * 2 * stride));
+      parts_.reset(new uint16_t[size_t(B * 2 * stride)]);  // not zeroed: the splits write every element
       for (int64_t b = 0; b < B; ++b) {
-        uint16_t* hi = parts_.data() + b * 2 * stride;
+        uint16_t* hi = parts_.get() + b * 2 * stride;
         uint16_t* lo = hi + stride;
         const bool ready = parts == Parts::kBF16
                                ? split_bf16_parts(x + b * D, D, stride, hi, lo)
@@ -74,7 +75,7 @@ class Queries {
 
  private:
   std::vector<Query<A>> queries_;
-  std::vector<uint16_t> parts_;  // per document: hi[stride] then lo[stride] (bf16 bits or int16)
+  std::unique_ptr<uint16_t[]> parts_;  // per document: hi[stride] then lo[stride] (bf16 bits or int16)
 };
 
 // The queries for rows of storage L.
