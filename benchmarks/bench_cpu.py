@@ -4,6 +4,7 @@ beam search, a head training step and end-to-end WN-Nouns inference.
     python benchmarks/bench_cpu.py              # everything (~6 min on an idle 2-core EPYC; run it on an idle machine)
     python benchmarks/bench_cpu.py --quick      # fewer shapes and repetitions (~5 min)
     python benchmarks/bench_cpu.py --parts cascade,e2e
+    python benchmarks/bench_cpu.py --cpu-isa avx512_dot   # another vector path: results in cpu_avx512_dot_<device>
 
 Parts (each one reuses the benchmark script of its op, so rows, rooflines and baselines are defined once):
 
@@ -208,6 +209,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="thread counts of the shortlist part (default: 1 and all cores)")
     p.add_argument("--accuracy-json", default=None,
                    help="accuracy rows for the e2e table (default benchmarks/results/accuracy_wn_nouns.json)")
+    p.add_argument("--cpu-isa", default=None,
+                   help="run on this vector path of the C++ kernels (cascadexml_fast.set_cpu_isa: avx512_dot, avx512, "
+                        "avx2, scalar); results named cpu_<path>_<device> so the default run is kept")
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -225,9 +229,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cores = torch.get_num_threads()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     accuracy_json = Path(args.accuracy_json) if args.accuracy_json else harness.RESULTS_DIR / "accuracy_wn_nouns.json"
+    import cascadexml_fast as cx
+
+    if args.cpu_isa:
+        cx.set_cpu_isa(args.cpu_isa)  # ValueError / RuntimeError name a path this CPU or build lacks
     info = harness.device_info("cpu")
     print(f"# {NAME} on {info['name']}, torch {info['torch']}, {cores} threads, preset {preset}, parts "
-          f"{','.join(args.part_list)}", flush=True)
+          f"{','.join(args.part_list)}, cpu_isa {cx.info()['cpu_isa']}", flush=True)
     parts: Dict[str, List[Dict[str, Any]]] = {p: [] for p in PARTS}
     elapsed: Dict[str, float] = {}
     for part in args.part_list:
@@ -246,8 +254,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print("\n" + harness.format_table(checks, COLUMNS))
     if parts["e2e"]:
         print("\n" + harness.format_table(parts["e2e"], E2E_COLUMNS, E2E_HEADERS))
-    import cascadexml_fast as cx
-
     meta = dict(
         op=NAME, preset=preset, parts=args.part_list, threads=threads,
         command=harness.command_line() if argv is None else f"bench_cpu.main({list(argv)})",
@@ -257,13 +263,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     )
     paths: Dict[str, Any] = {}
     if not args.no_write:
-        notes = ("Targets of the CPU-speed issue, measured in this run (details: the op rows under meta.details; "
+        notes = (f"CPU vector path of the kernels: {meta['cascadexml_fast_info']['cpu_isa']}. "
+                 "Targets of the CPU-speed issue, measured in this run (details: the op rows under meta.details; "
                  "each op's own columns are described in benchmarks/README.md). End to end on WN-Nouns:\n\n"
                  + (harness.format_table(parts["e2e"], E2E_COLUMNS, E2E_HEADERS) if parts["e2e"] else "(not run)"))
-        paths = harness.write_results(NAME if preset == "full" else f"{NAME}_{preset}", checks, meta, args.out,
+        name = NAME + (f"_{args.cpu_isa}" if args.cpu_isa else "") + ("" if preset == "full" else f"_{preset}")
+        paths = harness.write_results(name, checks, meta, args.out,
                                       columns=COLUMNS, notes=notes)
         print("# wrote " + ", ".join(str(p) for p in paths.values() if p))
     print(f"# {time.perf_counter() - t_start:.0f} s", flush=True)
+    if args.cpu_isa:
+        cx.set_cpu_isa("auto")
     return dict(checks=checks, parts=parts, meta=meta, paths=paths)
 
 

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:  # benchmarks/ is not an installed package
     sys.path.append(_REPO)
@@ -48,3 +50,18 @@ def test_tiny_run_writes_the_summary_and_the_e2e_table(tmp_path):
     assert any(c["target"] == "B=1 >= 5x reference cascade" for c in res["checks"])
     md = res["paths"]["md"].read_text()
     assert "| part" in md and "cascadexml-frozen (int8 tables)" in md
+
+
+def test_cpu_isa_option_names_the_results_and_restores_the_default(tmp_path):
+    import cascadexml_fast as cx
+    from cascadexml_fast import _extension
+
+    if "scalar" not in _extension.supported_cpu_isas():
+        pytest.skip("the C++ extension is not loaded")
+    default = cx.info()["cpu_isa"]
+    res = bench_cpu.main(["--tiny", "--parts", "shortlist", "--threads", "1", "--cpu-isa", "scalar", "--out",
+                          str(tmp_path)])
+    assert res["meta"]["cascadexml_fast_info"]["cpu_isa"] == "scalar"
+    assert res["paths"]["md"].name.startswith("cpu_scalar_tiny_")
+    assert "CPU vector path of the kernels: scalar" in res["paths"]["md"].read_text()
+    assert cx.info()["cpu_isa"] == default
