@@ -76,7 +76,7 @@ struct BiasView {
 };
 
 // out[r] = <x, W[first + r]> (times the row's scale for an int8 table, scale != nullptr, as shortlist_score) for
-// r < n <= kDotRows consecutive rows, the next n rows of the prefetch stream.
+// r < n <= kDotRows consecutive rows (rows_per_dot), the next n rows of the prefetch stream.
 template <class L>
 inline void rows_score(const Query<float>& x, const typename L::T* W, int64_t D, int64_t first, int n,
                        const float* scale, float* out, PrefetchStream* ahead) {
@@ -94,8 +94,9 @@ inline void rows_score(const Query<float>& x, const typename L::T* W, int64_t D,
 template <class L>
 CXF_KERNEL void score_block_kernel(const Query<float>& x, const typename L::T* W, int64_t D, int64_t start, int64_t n,
                                    BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
-  for (int64_t j = 0; j < n; j += kDotRows) {
-    const int rows = int(std::min<int64_t>(kDotRows, n - j));
+  const int step = rows_per_dot(x);
+  for (int64_t j = 0; j < n; j += step) {
+    const int rows = int(std::min<int64_t>(step, n - j));
     rows_score<L>(x, W, D, start + j, rows, scale, out + j, ahead);
     for (int r = 0; r < rows; ++r) out[j + r] += bias(start + j + r);
   }
@@ -112,13 +113,14 @@ void score_block_erased(const Query<float>& x, const void* W, int64_t D, int64_t
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
-// (kDotRows at a time) are the outer loop, so each row is read from memory once and reused from L1 by every document.
+// (rows_per_dot at a time) are the outer loop, so each row is read from memory once and reused from L1 by every document.
 template <class L>
 CXF_KERNEL void score_block_docs_kernel(const Query<float>* X, int64_t D, const int64_t* doc, const int64_t* out_base,
                                         int64_t m, const typename L::T* W, int64_t start, int64_t n,
                                         BiasView bias, const float* scale, float* out, PrefetchStream* ahead) {
-  for (int64_t j = 0; j < n; j += kDotRows) {
-    const int rows = int(std::min<int64_t>(kDotRows, n - j));
+  const int step = m > 0 ? rows_per_dot(X[doc[0]]) : 1;
+  for (int64_t j = 0; j < n; j += step) {
+    const int rows = int(std::min<int64_t>(step, n - j));
     float b[kDotRows], v[kDotRows];
     for (int r = 0; r < rows; ++r) b[r] = bias(start + j + r);
     for (int64_t i = 0; i < m; ++i) {

@@ -48,7 +48,8 @@ CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename 
   const int64_t ahead = std::min(kPrefetchAhead, readable);
   for (int64_t k = 0; k < ahead; ++k)
     if (ids[k] >= 0) prefetch_row(W + int64_t(ids[k]) * D, row_bytes);
-  // Rows are scored kDotRows at a time (vec.h dot_rows: the same bits as one at a time); pads get -inf.
+  // Rows are scored rows_per_dot at a time (vec.h dot_rows: the same bits as one at a time); pads get -inf.
+  const int step = rows_per_dot(xb);
   const typename L::T* rows[kDotRows];
   int64_t slot[kDotRows];
   A v[kDotRows];
@@ -63,7 +64,7 @@ CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename 
       rows[pending] = W + id * D;
       slot[pending++] = k;
     }
-    if (pending == kDotRows || (k + 1 == n && pending > 0)) {
+    if (pending == step || (k + 1 == n && pending > 0)) {
       dot_rows<L>(xb, rows, pending, D, v);
       for (int r = 0; r < pending; ++r) out[slot[r]] = scale ? v[r] * A(scale[ids[slot[r]]]) : v[r];
       pending = 0;
@@ -150,8 +151,9 @@ CXF_KERNEL void score_run_groups_kernel(const Queries<typename L::A>& x, const t
     const Run* group = runs + group_begin[g];
     const int64_t m = group_begin[g + 1] - group_begin[g], start = group[0].start, len = group[0].len;
     const typename L::T* row = W + start * D;
-    for (int64_t j = 0; j < len; j += kDotRows) {  // kDotRows rows at a time for every document
-      const int n = int(std::min<int64_t>(kDotRows, len - j));
+    const int step = rows_per_dot(x[group[0].doc]);
+    for (int64_t j = 0; j < len; j += step) {  // `step` rows at a time for every document
+      const int n = int(std::min<int64_t>(step, len - j));
       const typename L::T* rows[kDotRows];
       for (int r = 0; r < n; ++r) {
         ahead.advance(row_bytes);

@@ -146,6 +146,13 @@ inline void dot_rows(const Query<typename L::A>& q, const typename L::T* const* 
   for (int r = 0; r < n; ++r) out[r] = dot<L>(q.x, rows[r], D);
 }
 
+// Rows a kernel hands dot_rows at a time for query q: kDotRows where the parts share their loads, else 1, which
+// keeps the one-row loops (and their prefetch distance) of the other paths as they were.
+template <class A>
+inline int rows_per_dot(const Query<A>& q) {
+  return q.hi ? kDotRows : 1;
+}
+
 template <class L>
 inline typename L::A dot(const Query<typename L::A>& q, const typename L::T* __restrict w, int64_t D) {
   typename L::A v;
