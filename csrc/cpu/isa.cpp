@@ -18,9 +18,9 @@ bool isa_supported(int isa) {
   return false;
 }
 
-// avx512_dot is not the default: on the 2-core Zen 4 it scores int8 rows from DRAM 10-17% faster on one thread but
-// bf16 rows no faster (0-15% slower), and its bf16/int8 scores differ in the last bits from avx512 and avx2, which
-// agree bit for bit (benchmarks/README.md, "CPU vector paths").
+// avx512_dot is not the default: on the 2-core Zen 4 it scores int8 rows from DRAM 0.99-1.26x as fast on one thread
+// but bf16 shortlists 0.83-0.85x, and its bf16/int8 scores differ in the last bits from avx512 and avx2, which agree
+// bit for bit (benchmarks/README.md, "CPU vector paths").
 int best_isa() {
   for (int isa : {kIsaAvx512, kIsaAvx2})
     if (isa_supported(isa)) return isa;
