@@ -59,7 +59,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture
 def cpu_isa(request):
-    """Forces one vector path of the C++ CPU kernels (request.param: avx512, avx2 or scalar) for a test, skipping
+    """Forces one vector path of the C++ CPU kernels (request.param: a CPU_ISAS name) for a test, skipping
     where the CPU lacks it, then restores the default."""
     import cascadexml_fast as cx
     from cascadexml_fast import _extension
