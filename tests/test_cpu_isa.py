@@ -1,7 +1,8 @@
 """Every vector path of the C++ CPU kernels (avx512, avx512_dot, avx2, scalar), forced with
-cascadexml_fast.set_cpu_isa (the conftest `cpu_isa` fixture), against the reference: shortlist_score forward and gradients, block_score and
-cascade_search, on every table dtype. Paths this CPU lacks are skipped (the pytest header lists them), so CI on
-any x86 machine covers what it can run. Also CASCADEXML_FAST_CPU_ISA at import, and bad names."""
+cascadexml_fast.set_cpu_isa (the conftest `cpu_isa` fixture), against the reference: shortlist_score forward and
+gradients, block_score and cascade_search, on every table dtype. Paths this CPU lacks are skipped (the pytest
+header lists them), so CI on any x86 machine covers what it can run. Also CASCADEXML_FAST_CPU_ISA at import, and
+bad names."""
 import os
 import subprocess
 import sys
