@@ -39,6 +39,12 @@ def _scores(x, w, idx, scale=None, isa="avx512_dot"):
         cx.set_cpu_isa("avx512_dot")
 
 
+def _table(w_dtype, N, D, gen):
+    """(table, per-row scales or None): random rows in bf16, or quantised to int8."""
+    w = torch.randn(N, D, generator=gen)
+    return cx.quantize_table(w) if w_dtype == torch.int8 else (w.bfloat16(), None)
+
+
 def _exact(x, w_float, idx):
     """<x, w[idx]> in float64 and sum |x w| (the error scale)."""
     xd, wd = x.double()[:, None, :], w_float.double()[idx]
@@ -103,8 +109,7 @@ def test_int8_sums_do_not_overflow_past_the_int32_span(dot_path):
 def test_a_rows_bits_do_not_depend_on_its_neighbours(dot_path, w_dtype):
     gen = torch.Generator().manual_seed(5)
     N, D = 50, 150
-    w, scale = cx.quantize_table(torch.randn(N, D, generator=gen)) if w_dtype == torch.int8 else (
-        torch.randn(N, D, generator=gen).bfloat16(), None)
+    w, scale = _table(w_dtype, N, D, gen)
     x = torch.randn(1, D, generator=gen)
     # 1 to 9 rows, pads between them: groups of 4 rows, 1-3 left over, every position
     for K in range(1, 10):
@@ -123,8 +128,7 @@ def test_a_rows_bits_do_not_depend_on_its_neighbours(dot_path, w_dtype):
 def test_features_the_parts_cannot_hold_keep_the_fp32_dot(dot_path, w_dtype):
     gen = torch.Generator().manual_seed(2)
     N, D = 20, 70
-    w, scale = cx.quantize_table(torch.randn(N, D, generator=gen)) if w_dtype == torch.int8 else (
-        torch.randn(N, D, generator=gen).bfloat16(), None)
+    w, scale = _table(w_dtype, N, D, gen)
     x = torch.randn(4, D, generator=gen)
     x[0, 3] = float("nan")
     x[1, 10] = float("inf")
