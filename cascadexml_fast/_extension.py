@@ -11,7 +11,7 @@ from .ops import _library, reference
 
 DISABLE_ENV = "CASCADEXML_FAST_DISABLE_EXT"
 ISA_ENV = "CASCADEXML_FAST_CPU_ISA"
-CPU_ISAS = ("avx512", "avx512_dot", "avx2", "scalar")  # auto takes the first this CPU supports but avx512_dot
+CPU_ISAS = ("avx512_vnni", "avx512", "avx512_dot", "avx2", "scalar")  # auto: the first supported but avx512_dot
 
 # Reference implementations, keyed by op name, with the schema's extra arguments dropped.
 FALLBACKS = {
@@ -65,17 +65,17 @@ def _load():
 
 
 def set_cpu_isa(name: str = "auto") -> str:
-    """Forces the vector path of every C++ CPU kernel: "avx512_dot" (x86-64-v4 with AVX512_BF16 and AVX512_VNNI:
-    bf16 and int8 table rows through the dot-product instructions), "avx512" (x86-64-v4), "avx2" (AVX2 + FMA,
-    x86-64-v3), "scalar" (the baseline build) or "auto" (the default: avx512, else avx2, else scalar; avx512_dot
-    is opt-in). Returns the path now in use.
+    """Forces the vector path of every C++ CPU kernel: "avx512_vnni" (x86-64-v4 with AVX512_VNNI: int8 table rows
+    through vpdpwssd), "avx512_dot" (also AVX512_BF16: bf16 rows through vdpbf16ps too; opt-in), "avx512"
+    (x86-64-v4), "avx2" (AVX2 + FMA, x86-64-v3), "scalar" (the baseline build) or "auto" (the default: the best the
+    CPU supports but avx512_dot). Returns the path now in use.
 
     Results of the paths agree within the ops' stated tolerances: the fused multiply-adds of avx2/avx512 round
-    differently from scalar; avx512 and avx2 give the same bits; avx512_dot gives avx512's bits on fp32 and fp16
-    tables and, on bf16 and int8 tables, products of features split into two parts (README, "CPU vector paths").
-    Force "avx512" for results bit-identical to an AVX2 machine's. Raises ValueError for an unknown name and
-    RuntimeError when this CPU lacks the path or the compiled extension is not loaded. The environment variable
-    CASCADEXML_FAST_CPU_ISA does the same at import."""
+    differently from scalar; avx512 and avx2 give the same bits; avx512_vnni and avx512_dot give avx512's bits
+    but on int8 (and, avx512_dot, bf16) tables, whose products take features split into two parts (README, "CPU
+    vector paths"). Force "avx512" for int8 results bit-identical to an AVX2 machine's. Raises ValueError for an
+    unknown name and RuntimeError when this CPU lacks the path or the compiled extension is not loaded. The
+    environment variable CASCADEXML_FAST_CPU_ISA does the same at import."""
     if module is None:
         raise RuntimeError(f"set_cpu_isa: the compiled extension is not loaded ({load_error})")
     if name not in (*CPU_ISAS, "auto"):

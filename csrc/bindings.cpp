@@ -39,14 +39,16 @@ PyObject* py_compiler(PyObject*, PyObject*) {
 #endif
 }
 
-// Forces the vector path of every CPU kernel (int8 dot included): "avx512_dot", "avx512", "avx2", "scalar", or "auto" for the
-// default path. Returns True when set, False when the CPU lacks it; ValueError for a name unknown to this build.
+// Forces the vector path of every CPU kernel (int8 dot included): "avx512_vnni", "avx512_dot", "avx512", "avx2",
+// "scalar", or "auto" for the default path. Returns True when set, False when the CPU lacks it; ValueError for a
+// name unknown to this build.
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8AndSize(arg, nullptr);  // in the limited API since 3.10
   if (name == nullptr) return nullptr;
   const int status = cxf::set_cpu_isa(name);
   if (status < 0) {
-    PyErr_Format(PyExc_ValueError, "unknown CPU vector path %s (avx512_dot, avx512, avx2, scalar, auto)", name);
+    PyErr_Format(PyExc_ValueError, "unknown CPU vector path %s (avx512_vnni, avx512_dot, avx512, avx2, scalar, auto)",
+                 name);
     return nullptr;
   }
   return PyBool_FromLong(status);
@@ -55,7 +57,7 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 PyObject* py_supported_isas(PyObject*, PyObject*) {
   PyObject* out = PyList_New(0);
   if (out == nullptr) return nullptr;
-  for (int isa : {cxf::kIsaAvx512, cxf::kIsaAvx512Dot, cxf::kIsaAvx2, cxf::kIsaScalar}) {
+  for (int isa : {cxf::kIsaAvx512Vnni, cxf::kIsaAvx512, cxf::kIsaAvx512Dot, cxf::kIsaAvx2, cxf::kIsaScalar}) {
     if (!cxf::isa_supported(isa)) continue;
     PyObject* name = PyUnicode_FromString(cxf::isa_name(isa));
     if (name == nullptr || PyList_Append(out, name) < 0) {
@@ -69,9 +71,12 @@ PyObject* py_supported_isas(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The vector path the CPU kernels run: avx512_dot, avx512, avx2 or scalar."},
-    {"supported_isas", py_supported_isas, METH_NOARGS, "The vector paths this CPU and build support, the default (auto) first."},
-    {"_set_cpu_isa", py_set_cpu_isa, METH_O, "Force the CPU kernels' vector path: avx512_dot, avx512, avx2, scalar, auto."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "The vector path the CPU kernels run: avx512_vnni, avx512_dot, avx512, avx2 or scalar."},
+    {"supported_isas", py_supported_isas, METH_NOARGS,
+     "The vector paths this CPU and build support, the default (auto) first."},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Force the CPU kernels' vector path: avx512_vnni, avx512_dot, avx512, avx2, scalar, auto."},
     {"compiler", py_compiler, METH_NOARGS, "Compiler that built the extension."},
     {nullptr, nullptr, 0, nullptr},
 };

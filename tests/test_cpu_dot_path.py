@@ -1,13 +1,14 @@
-"""The avx512_dot CPU path (x86-64-v4 + AVX512_BF16 + AVX512_VNNI, opt-in): bf16 and int8 table rows multiplied by
-vdpbf16ps / vpdpwssd against each document's features split into two parts (csrc/cpu/query.h). Its contract,
-checked against float64 on shortlist_score, block_score and cascade_search:
+"""The dot-product CPU paths: avx512_vnni (x86-64-v4 + AVX512_VNNI, the default where present) multiplies int8 table
+rows by vpdpwssd, avx512_dot (+ AVX512_BF16, opt-in) also bf16 rows by vdpbf16ps, against each document's features
+split into two parts (csrc/cpu/query.h). Their contract, checked against float64 on shortlist_score and
+cascade_search:
 
 * int8 rows: x ~ s (hi + lo / 2^15) with int16 parts and s a power of two, integer sums exact, so
   |score - <x, q> scale| <= scale (2^-29 max|x| sum|q|) + one float rounding; integer-valued features are exact.
 * bf16 rows: x ~ hi + lo in bf16, so |score - <x, w>| <= 2^-16 sum|x w| + fp32 accumulation.
 * a row's bits do not depend on the rows scored beside it (the kernels take 1-4 rows at a time), nor on the batch.
 * features the parts cannot hold (NaN, inf, beyond bf16's range) keep the fp32 dot: avx512's bits.
-* fp32 and fp16 tables: avx512's bits.
+* fp32 and fp16 tables (and bf16 on avx512_vnni): avx512's bits.
 
 Skipped where the CPU lacks the path (the pytest header lists the paths tested)."""
 import pytest
@@ -18,25 +19,31 @@ from cascadexml_fast import _extension
 
 OPS = torch.ops.cascadexml_fast
 
-pytestmark = pytest.mark.skipif("avx512_dot" not in _extension.supported_cpu_isas(),
-                                reason="this CPU (or build) lacks the avx512_dot path")
+INT8_PATHS = ["avx512_vnni", "avx512_dot"]  # int8 rows through vpdpwssd
+BF16_PATHS = ["avx512_dot"]  # bf16 rows through vdpbf16ps
+PATH_DTYPES = [(p, torch.int8) for p in INT8_PATHS] + [(p, torch.bfloat16) for p in BF16_PATHS]
 
 
 @pytest.fixture
-def dot_path():
+def dot_path(request):
+    """Forces request.param (a dot-product path) for the test, skipping where the CPU or build lacks it."""
+    if request.param not in _extension.supported_cpu_isas():
+        pytest.skip(f"this CPU (or build) lacks the {request.param} path")
     try:
-        cx.set_cpu_isa("avx512_dot")
-        yield
+        cx.set_cpu_isa(request.param)
+        yield request.param
     finally:
         cx.set_cpu_isa("auto")
 
 
-def _scores(x, w, idx, scale=None, isa="avx512_dot"):
+def _scores(x, w, idx, scale=None, isa="avx512"):
+    """shortlist_score on another path (avx512 by default), then back to the one the test runs on."""
+    current = cx.info()["cpu_isa"]
     try:
         cx.set_cpu_isa(isa)
         return OPS.shortlist_score(x, w, None, idx, False, False, scale)
     finally:
-        cx.set_cpu_isa("avx512_dot")
+        cx.set_cpu_isa(current)
 
 
 def _table(w_dtype, N, D, gen):
@@ -53,6 +60,7 @@ def _exact(x, w_float, idx):
 
 @pytest.mark.parametrize("D,magnitude", [(5, 1.0), (31, 1.0), (32, 1.0), (77, 1.0), (768, 1.0), (9000, 1.0),
                                          (77, 1e-30), (77, 1e30)])  # exponents beyond +-100: the split in double
+@pytest.mark.parametrize("dot_path", INT8_PATHS, indirect=True)
 def test_int8_rows_within_the_stated_bound(dot_path, D, magnitude):
     gen = torch.Generator().manual_seed(D)
     N, B, K = 60, 5, 23
@@ -67,6 +75,7 @@ def test_int8_rows_within_the_stated_bound(dot_path, D, magnitude):
 
 
 @pytest.mark.parametrize("D", [5, 31, 64, 77, 768, 9000])
+@pytest.mark.parametrize("dot_path", BF16_PATHS, indirect=True)
 def test_bf16_rows_within_the_stated_bound(dot_path, D):
     gen = torch.Generator().manual_seed(D)
     N, B, K = 60, 5, 23
@@ -77,9 +86,10 @@ def test_bf16_rows_within_the_stated_bound(dot_path, D):
     want, magnitude = _exact(x, w.float(), idx)
     assert ((out.double() - want).abs() <= magnitude * (2.0 ** -16 + D * 2.0 ** -24)).all()
     # not avx512's bits: the path really switched
-    assert not torch.equal(out, _scores(x, w, idx, isa="avx512"))
+    assert not torch.equal(out, _scores(x, w, idx))
 
 
+@pytest.mark.parametrize("dot_path", INT8_PATHS, indirect=True)
 def test_integer_valued_inputs_are_exact(dot_path):
     gen = torch.Generator().manual_seed(1)
     N, B, K, D = 40, 4, 30, 300
@@ -91,6 +101,7 @@ def test_integer_valued_inputs_are_exact(dot_path):
     assert torch.equal(OPS.shortlist_score(x, w.bfloat16(), None, idx, False, False), want)
 
 
+@pytest.mark.parametrize("dot_path", INT8_PATHS, indirect=True)
 def test_int8_sums_do_not_overflow_past_the_int32_span(dot_path):
     # Every product at its largest (-128 x the largest feature) over more elements than one int32 accumulation holds.
     D, N = 3 * 8192 + 77, 3
@@ -105,7 +116,7 @@ def test_int8_sums_do_not_overflow_past_the_int32_span(dot_path):
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dot_path,w_dtype", PATH_DTYPES, indirect=["dot_path"])
 def test_a_rows_bits_do_not_depend_on_its_neighbours(dot_path, w_dtype):
     gen = torch.Generator().manual_seed(5)
     N, D = 50, 150
@@ -124,7 +135,7 @@ def test_a_rows_bits_do_not_depend_on_its_neighbours(dot_path, w_dtype):
             assert torch.equal(out[0, k], alone[0, 0])
 
 
-@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dot_path,w_dtype", PATH_DTYPES, indirect=["dot_path"])
 def test_features_the_parts_cannot_hold_keep_the_fp32_dot(dot_path, w_dtype):
     gen = torch.Generator().manual_seed(2)
     N, D = 20, 70
@@ -135,7 +146,7 @@ def test_features_the_parts_cannot_hold_keep_the_fp32_dot(dot_path, w_dtype):
     x[2, 0] = 3e38  # beyond bf16's largest finite value (fine for int16 parts)
     idx = torch.arange(N).expand(4, N).contiguous()
     out = OPS.shortlist_score(x, w, None, idx, False, False, scale)
-    fp32_dot = _scores(x, w, idx, scale, isa="avx512")
+    fp32_dot = _scores(x, w, idx, scale)
     assert torch.equal(out[:2].isnan(), fp32_dot[:2].isnan())
     assert torch.equal(torch.nan_to_num(out[:2]), torch.nan_to_num(fp32_dot[:2]))
     if w_dtype == torch.bfloat16:
@@ -143,16 +154,17 @@ def test_features_the_parts_cannot_hold_keep_the_fp32_dot(dot_path, w_dtype):
     assert not torch.equal(out[3], fp32_dot[3])  # an ordinary document still takes the dot path
 
 
-def test_fp32_and_fp16_tables_keep_avx512_bits(dot_path):
+@pytest.mark.parametrize("dot_path", INT8_PATHS, indirect=True)
+def test_other_tables_keep_avx512_bits(dot_path):
     gen = torch.Generator().manual_seed(3)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if dot_path not in BF16_PATHS else ()):
         w = torch.randn(40, 100, generator=gen).to(dtype)
         x = torch.randn(3, 100, generator=gen)
         idx = torch.randint(0, 40, (3, 17), generator=gen)
-        assert torch.equal(OPS.shortlist_score(x, w, None, idx, False, False), _scores(x, w, idx, isa="avx512"))
+        assert torch.equal(OPS.shortlist_score(x, w, None, idx, False, False), _scores(x, w, idx))
 
 
-@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dot_path,w_dtype", PATH_DTYPES, indirect=["dot_path"])
 def test_cascade_search_on_the_dot_path_matches_float64(dot_path, w_dtype):
     """The search on the dot path ranks as the float64 search does wherever the scores are not near-ties."""
     from cascadexml_fast.ops import reference

@@ -123,6 +123,9 @@ def test_paths_agree_with_each_other_within_fma_rounding():
         assert_scores_equal(out, first)
     if {"avx512", "avx2"} <= set(outs):  # the same 32 lanes and FMAs: bit-identical
         assert torch.equal(outs["avx512"], outs["avx2"])
+    for name in ("avx512_vnni", "avx512_dot"):  # fp32 rows: avx512's code on the dot-product paths
+        if {name, "avx512"} <= set(outs):
+            assert torch.equal(outs[name], outs["avx512"])
     if "scalar" in outs:  # no FMA on the baseline: some last bits differ, which shows the path really switched
         assert not torch.equal(outs["scalar"], first)
 

@@ -188,7 +188,7 @@ def test_block_score_int8_matches_dequantised_reference(B, C, nodes, D, x_dtype,
 # every int8 dot-product variant of the C++ kernels (csrc/cpu/row_dot.cpp), forced in turn
 
 
-INT8_VARIANTS = ["avx512_dot", "avx512", "avx2", "scalar"]  # avx512_dot: vpdpwssd on the split features
+INT8_VARIANTS = ["avx512_vnni", "avx512_dot", "avx512", "avx2", "scalar"]  # vnni, dot: vpdpwssd on split features
 
 
 @pytest.mark.parametrize("cpu_isa", INT8_VARIANTS, indirect=True)  # the conftest fixture forces the path

@@ -1,9 +1,9 @@
 // Documents' features prepared once per call for the row dots of one table (vec.h Query, row_dot.cpp).
 //
-// On the avx512_dot path, bf16 and int8 rows are multiplied by dot-product instructions that take both operands in
-// the rows' width, so each document's fp32 features are split into two parts there, once per call instead of
-// once per row:
-//   bf16 rows  hi = bf16(x) (round to nearest even), lo = bf16(x - hi): |x - hi - lo| <= 2^-17 |x|
+// On the avx512_vnni path int8 rows, and on avx512_dot also bf16 rows, are multiplied by dot-product instructions
+// that take both operands in the rows' width, so each document's fp32 features are split into two parts there,
+// once per call instead of once per row:
+//   bf16 rows  hi = bf16(x) (round to nearest even), lo = bf16(x - hi): |x - hi - lo| <= 2^-16 |x|
 //   int8 rows  s = 2^(e - 14) with max |x| in [2^(e-1), 2^e): hi = round(x / s), lo = round((x / s - hi) 2^15),
 //              |hi|, |lo| <= 2^14 (int16), |x - s (hi + lo / 2^15)| <= 2^-29 max |x|; features that are multiples of
 //              s (integers below 2^14, say) are exact
@@ -34,9 +34,11 @@ enum class Parts { kNone, kBF16, kInt16 };
 
 template <class L>
 inline Parts parts_for_rows() {
-  if (active_isa() != kIsaAvx512Dot) return Parts::kNone;
-  if constexpr (std::is_same_v<L, BF16>) return Parts::kBF16;
-  if constexpr (std::is_same_v<L, I8>) return Parts::kInt16;
+  const int isa = active_isa();
+  if constexpr (std::is_same_v<L, I8>)
+    if (isa == kIsaAvx512Vnni || isa == kIsaAvx512Dot) return Parts::kInt16;
+  if constexpr (std::is_same_v<L, BF16>)
+    if (isa == kIsaAvx512Dot) return Parts::kBF16;
   return Parts::kNone;
 }
 

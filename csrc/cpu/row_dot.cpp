@@ -15,11 +15,11 @@
 // are summed in order and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the
 // rounding of the fused multiply-adds. Results never depend on the thread count.
 //
-//   avx512_dot          fp32 (and fp16) rows as avx512. bf16 and int8 rows against the two parts of x that query.h
-//                       prepares once per document, so the rows are multiplied as stored, without widening:
-//                       bf16: vdpbf16ps on x = hi + lo (bf16), products exact in fp32, hi and lo in their own
-//                       accumulators; int8: vpdpwssd on x = s (hi + lo / 2^15) (int16, s a power of two), summed
-//                       exactly in int32 / int64 and scaled once. Per 64 elements of a row that is 4 dot
+//   avx512_vnni         int8 rows against the two parts of x that query.h prepares once per document, multiplied
+//                       as stored, without widening: vpdpwssd on x = s (hi + lo / 2^15) (int16, s a power of two),
+//                       summed exactly in int32 / int64 and scaled once. Every other row type as avx512.
+//   avx512_dot          avx512_vnni, and bf16 rows through vdpbf16ps on x = hi + lo (bf16), products exact in
+//                       fp32, hi and lo in their own accumulators. Per 64 elements of a row that is 4 dot
 //                       instructions instead of 4 widenings + 4 conversions or shifts + 4 FMAs, which on Zen 4's
 //                       double-pumped units is where one thread spent its time on bf16 and int8 rows
 //                       (benchmarks/microbench/hot_rows.py).
@@ -130,21 +130,22 @@ __attribute__((target("arch=x86-64-v3"))) float dot_avx2(const float* __restrict
   return total + tail;
 }
 
-// ---- avx512_dot: the rows as stored, through the dot-product instructions
+// ---- avx512_vnni / avx512_dot: the rows as stored, through the dot-product instructions
 //
 // Up to 4 rows against one query at a time: each 32-element slice of the parts is loaded once for all of them (one
 // row at a time, loading the parts was as slow as the widening it replaces). Every row keeps its own accumulators in
 // the same order whatever the number of rows, so a row's score has the same bits alone or beside others.
 
-#define CXF_AVX512_DOT __attribute__((target("arch=x86-64-v4,avx512bf16,avx512vnni")))
+#define CXF_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#define CXF_AVX512_VNNI __attribute__((target("arch=x86-64-v4,avx512vnni")))
 
 // A mask of the first min(n, 32) elements: the rows' last slice (the parts are zero-padded to 32).
-CXF_AVX512_DOT inline __mmask32 first_lanes(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
+CXF_AVX512 __mmask32 first_lanes(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }
 
 // bf16 rows: per row, hi and lo products in separate accumulators, even and odd 64-element halves apart (4 chains of
 // D / 64 dependent vdpbf16ps), the last partial slice into the even ones, summed as (h0 + h1) + (l0 + l1).
 template <int R>
-CXF_AVX512_DOT void dot_bf16_parts_avx512(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows,
+CXF_AVX512_BF16 void dot_bf16_parts_avx512(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows,
                                           int64_t D, float* out) {
   __m512 h0[R], h1[R], l0[R], l1[R];
   for (int r = 0; r < R; ++r) h0[r] = h1[r] = l0[r] = l1[r] = _mm512_setzero_ps();
@@ -177,7 +178,7 @@ CXF_AVX512_DOT void dot_bf16_parts_avx512(const uint16_t* hi, const uint16_t* lo
 }
 
 // Sum of the 16 int32 lanes in int64.
-CXF_AVX512_DOT inline int64_t lanes_sum(__m512i v) {
+CXF_AVX512 int64_t lanes_sum(__m512i v) {
   return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
                                                   _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
 }
@@ -188,7 +189,7 @@ constexpr int64_t kInt32Span = int64_t(1) << 13;
 
 // int8 rows: integer sums, exact in any order; one rounding in double (2^-53) and one to float.
 template <int R>
-CXF_AVX512_DOT void dot_i8_parts_avx512(const int16_t* hi, const int16_t* lo, double scale,
+CXF_AVX512_VNNI void dot_i8_parts_avx512(const int16_t* hi, const int16_t* lo, double scale,
                                         const int8_t* const* rows, int64_t D, float* out) {
   int64_t sum_hi[R] = {}, sum_lo[R] = {};
   for (int64_t c = 0; c < D; c += kInt32Span) {
@@ -229,7 +230,8 @@ template <class T>
 inline float dot_active(const float* x, const T* w, int64_t D) {
 #ifdef CXF_X86_DOT
   switch (active_isa()) {
-    case kIsaAvx512Dot:  // bf16 and int8 rows without prepared parts (query.h: non-finite x) read x as avx512 does
+    case kIsaAvx512Dot:  // rows without prepared parts (query.h: fp32, fp16, non-finite x) read x as avx512 does
+    case kIsaAvx512Vnni:
     case kIsaAvx512: return dot_avx512<T>(x, w, D);
     case kIsaAvx2: return dot_avx2<T>(x, w, D);
     default: break;
@@ -244,7 +246,7 @@ float dot_f32(const float* x, const float* w, int64_t D) { return dot_active<flo
 float dot_bf16(const float* x, const uint16_t* w, int64_t D) { return dot_active<uint16_t>(x, w, D); }
 float dot_i8(const float* x, const int8_t* w, int64_t D) { return dot_active<int8_t>(x, w, D); }
 
-// Parts exist only where the avx512_dot path is supported (query.h prepares them there and nowhere else).
+// Parts exist only where their path is supported (query.h prepares them there and nowhere else).
 void dot_bf16_parts(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows, int n, int64_t D,
                     float* out) {
 #ifdef CXF_X86_DOT
@@ -268,7 +270,7 @@ void dot_i8_parts(const int16_t* hi, const int16_t* lo, double scale, const int8
     case 4: return dot_i8_parts_avx512<4>(hi, lo, scale, rows, D, out);
   }
 #endif
-  TORCH_CHECK(false, "dot_i8_parts: ", n, " rows (1 to ", kDotRows, " on the avx512_dot path only)");
+  TORCH_CHECK(false, "dot_i8_parts: ", n, " rows (1 to ", kDotRows, " on the avx512_vnni / avx512_dot paths only)");
 }
 
 }  // namespace cxf

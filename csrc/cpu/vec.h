@@ -60,9 +60,10 @@ struct F16 {
   }
 };
 
-// int8 table rows (inference): symmetric per-row quantisation, so the kernel widens q to fp32, accumulates
-// <x, q> in fp32 and multiplies the sum by the row's scale once (see shortlist_score.cpp). dot<I8> is specialised
-// below (explicit per-ISA code); `load` serves the other loops (axpy for the input gradient).
+// int8 table rows (inference): symmetric per-row quantisation, so the kernel computes <x, q> (widening q to fp32,
+// or on the avx512_vnni / avx512_dot paths in integers against split features, query.h) and multiplies it by the
+// row's scale once (see shortlist_score.cpp). dot<I8> is specialised below (explicit per-ISA code); `load` serves
+// the other loops (axpy for the input gradient).
 struct I8 {
   using T = int8_t;
   using A = float;
@@ -97,9 +98,10 @@ float dot_f32(const float* x, const float* w, int64_t D);      // the active pat
 float dot_bf16(const float* x, const uint16_t* w, int64_t D);  // w: bf16 bits
 float dot_i8(const float* x, const int8_t* w, int64_t D);
 
-// The avx512_dot path's dots (row_dot.cpp): n <= kDotRows rows against features in two parts (query.h), hi and lo
-// zero-padded to a multiple of 32 elements; out[r] has the same bits whatever n. bf16 rows: x ~ hi + lo (bf16
-// bits) through vdpbf16ps; int8 rows: x ~ scale * (hi + lo / 2^15) (int16) through vpdpwssd, summed exactly.
+// The dot-product paths' dots (row_dot.cpp; avx512_vnni: int8, avx512_dot: int8 and bf16): n <= kDotRows rows
+// against features in two parts (query.h), hi and lo zero-padded to a multiple of 32 elements; out[r] has the same
+// bits whatever n. bf16 rows: x ~ hi + lo (bf16 bits) through vdpbf16ps; int8 rows: x ~ scale * (hi + lo / 2^15)
+// (int16) through vpdpwssd, summed exactly.
 constexpr int kDotRows = 4;
 void dot_bf16_parts(const uint16_t* hi, const uint16_t* lo, const uint16_t* const* rows, int n, int64_t D, float* out);
 void dot_i8_parts(const int16_t* hi, const int16_t* lo, double scale, const int8_t* const* rows, int n, int64_t D,
@@ -121,8 +123,8 @@ inline float dot<I8>(const float* __restrict x, const int8_t* __restrict w, int6
 }
 
 // One document's features as the row dots read them. x always; `hi`/`lo` only where query.h prepared the two parts
-// of x for the avx512_dot path's bf16 or int8 rows (bf16 bits or int16, `stride` apart per document); nullptr
-// otherwise, and the dot reads x.
+// of x for the avx512_vnni / avx512_dot paths' int8 or bf16 rows (int16 or bf16 bits); nullptr otherwise, and the
+// dot reads x.
 template <class A>
 struct Query {
   const A* x = nullptr;
