@@ -113,7 +113,8 @@ void score_block_erased(const Query<float>& x, const void* W, int64_t D, int64_t
 }
 
 // One block of rows scored for m documents: out[out_base[i] + j] = <X[doc[i]], W[start + j]> (+ bias). The rows
-// (rows_per_dot at a time) are the outer loop, so each row is read from memory once and reused from L1 by every document.
+// (rows_per_dot at a time) are the outer loop, so each row is read from memory once and reused from L1 by every
+// document.
 template <class L>
 CXF_KERNEL void score_block_docs_kernel(const Query<float>* X, int64_t D, const int64_t* doc, const int64_t* out_base,
                                         int64_t m, const typename L::T* W, int64_t start, int64_t n,
@@ -130,8 +131,8 @@ CXF_KERNEL void score_block_docs_kernel(const Query<float>* X, int64_t D, const 
   }
 }
 
-using GroupScorer = void (*)(const Query<float>*, int64_t, const int64_t*, const int64_t*, int64_t, const void*, int64_t,
-                             int64_t, BiasView, const float*, float*, PrefetchStream*);
+using GroupScorer = void (*)(const Query<float>*, int64_t, const int64_t*, const int64_t*, int64_t, const void*,
+                             int64_t, int64_t, BiasView, const float*, float*, PrefetchStream*);
 
 template <class L>
 void score_block_docs_erased(const Query<float>* X, int64_t D, const int64_t* doc, const int64_t* out_base, int64_t m,

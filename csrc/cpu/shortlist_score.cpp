@@ -41,8 +41,8 @@ constexpr int64_t kPrefetchAhead = 6;
 // rows are prefetched too so that the next item starts with its first rows in flight.
 // scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr.
 template <class L, class I>
-CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename L::T* W, int64_t D, const I* ids, int64_t n,
-                                 int64_t readable, const float* scale, typename L::A* out) {
+CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename L::T* W, int64_t D, const I* ids,
+                                 int64_t n, int64_t readable, const float* scale, typename L::A* out) {
   using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   const int64_t ahead = std::min(kPrefetchAhead, readable);
@@ -142,9 +142,9 @@ std::vector<Run> find_runs(const I* ids, int64_t B, int64_t K, int64_t piece, A*
 // Groups [g0, g1): rows [start, start + len) of W scored for the documents of each group (runs with that start and
 // length, runs[group_begin[g] .. group_begin[g + 1])).
 template <class L>
-CXF_KERNEL void score_run_groups_kernel(const Queries<typename L::A>& x, const typename L::T* W, int64_t D, const Run* runs,
-                                        const int64_t* group_begin, int64_t g0, int64_t g1, const float* scale,
-                                        int64_t K, typename L::A* out, PrefetchStream& ahead) {
+CXF_KERNEL void score_run_groups_kernel(const Queries<typename L::A>& x, const typename L::T* W, int64_t D,
+                                        const Run* runs, const int64_t* group_begin, int64_t g0, int64_t g1,
+                                        const float* scale, int64_t K, typename L::A* out, PrefetchStream& ahead) {
   using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   for (int64_t g = g0; g < g1; ++g) {
