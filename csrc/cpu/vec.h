@@ -133,8 +133,8 @@ struct Query {
   double scale = 1.0;  // int8 rows: x ~ scale * (hi + lo / 2^15)
 };
 
-// out[r] = <x, rows[r]> for r < n <= kDotRows, each the bits of a lone dot<L>(q, rows[r], D): where the parts are
-// prepared the rows share each load of them, elsewhere they are scored one by one.
+// out[r] = <x, rows[r]> for r < n <= kDotRows, each with the same bits whatever n: where the parts are prepared the
+// rows share each load of them, elsewhere they are scored one by one.
 template <class L>
 inline void dot_rows(const Query<typename L::A>& q, const typename L::T* const* rows, int n, int64_t D,
                      typename L::A* out) {
@@ -153,13 +153,6 @@ inline void dot_rows(const Query<typename L::A>& q, const typename L::T* const* 
 template <class A>
 inline int rows_per_dot(const Query<A>& q) {
   return q.hi ? kDotRows : 1;
-}
-
-template <class L>
-inline typename L::A dot(const Query<typename L::A>& q, const typename L::T* __restrict w, int64_t D) {
-  typename L::A v;
-  dot_rows<L>(q, &w, 1, D, &v);
-  return v;
 }
 
 // acc[0:D] += a * w[0:D]
