@@ -121,3 +121,21 @@ def test_bad_positives():
         cx.shortlist_bce(x, w, b, idx, torch.tensor([0, 1, 1]), torch.tensor([5]))
     with pytest.raises(ValueError, match="non-decreasing"):
         cx.shortlist_bce(x, w, b, idx, torch.tensor([0, 2, 1]), torch.tensor([1]))
+
+
+def test_evaluation_without_gradients_skips_the_autograd_layer():
+    """Under no_grad (validation losses) the loss comes from the kernel called below the autograd key, equal to the
+    loss of a call that records gradients."""
+    from test_shortlist_score import _python_calls, _through_autograd_layer
+
+    gen = torch.Generator().manual_seed(8)
+    x, w, b, idx = make_inputs(4, 13, 16, 30, generator=gen)
+    offsets, ids = random_positives(4, 30, gen, idx)
+    w.requires_grad_()
+    with torch.no_grad():
+        (loss, logits), calls = _python_calls(lambda: cx.shortlist_bce(x, w, b, idx, offsets, ids, level_weight=0.5))
+    assert not _through_autograd_layer(calls) and loss.grad_fn is None
+    (loss_grad, logits_grad), calls = _python_calls(lambda: cx.shortlist_bce(x, w, b, idx, offsets, ids,
+                                                                             level_weight=0.5))
+    assert _through_autograd_layer(calls) and loss_grad.grad_fn is not None
+    assert torch.equal(loss, loss_grad.detach()) and torch.equal(logits, logits_grad)

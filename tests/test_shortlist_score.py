@@ -1,5 +1,6 @@
 """shortlist_score through the registered op (C++ kernels on CPU) against ops/reference.py."""
 import math
+import sys
 
 import pytest
 import torch
@@ -354,3 +355,59 @@ def test_grouped_batches_of_scattered_ids_and_long_runs(threads, one_thread):
     w = torch.randn(700, 24, generator=gen)
     for idx in (torch.randint(-1, 700, (130, 50), generator=gen), torch.arange(700).expand(130, 700)):
         assert_scores_equal(cx.shortlist_score(x, w, None, idx), reference.shortlist_score(x, w, None, idx))
+
+
+def _python_calls(fn):
+    """(result, names of the Python functions fn ran, as 'file:function')."""
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            seen.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, seen
+
+
+def _through_autograd_layer(calls):
+    return any("torch/_library/autograd.py" in c for c in calls)
+
+
+@pytest.mark.parametrize("case", ["plain", "no_grad", "int8"])
+def test_calls_without_gradients_skip_the_autograd_layer(case):
+    """Nothing requires grad, or grad mode is off: the kernel runs below the autograd key (no round trip through
+    torch.library's Python autograd layer) and gives exactly what the op gives through it."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b, idx = make_inputs(3, 19, 24, 40, generator=gen)
+    scale = None
+    if case == "int8":
+        w, scale = cx.quantize_table(w)
+    if case == "no_grad":
+        x.requires_grad_()
+        b.requires_grad_()
+    expected = OPS.shortlist_score(x.detach(), w, b.detach(), idx, False, False, scale)
+    with torch.set_grad_enabled(case != "no_grad"):
+        out, calls = _python_calls(lambda: cx.shortlist_score(x, w, b, idx, weight_scale=scale, validate=False))
+    assert not _through_autograd_layer(calls)
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, expected)
+
+
+def test_calls_that_need_gradients_keep_the_autograd_layer():
+    gen = torch.Generator().manual_seed(6)
+    x, w, b, idx = make_inputs(3, 19, 24, 40, generator=gen)
+    w.requires_grad_()
+    out, calls = _python_calls(lambda: cx.shortlist_score(x, w, b, idx, validate=False))
+    assert _through_autograd_layer(calls)
+    assert out.grad_fn is not None
+    out.masked_fill(idx < 0, 0).sum().backward()
+    expected = torch.zeros_like(w)
+    for bi in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            if idx[bi, k] >= 0:
+                expected[idx[bi, k]] += x[bi]
+    torch.testing.assert_close(w.grad, expected, **TOL)

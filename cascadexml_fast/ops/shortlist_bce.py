@@ -113,8 +113,8 @@ def shortlist_bce(
     if validate and not torch.compiler.is_compiling():
         check_shortlist_inputs(x, weight, bias, idx, int8_ok=False)
         check_positives(pos_offsets, pos_ids, x.shape[0], weight.shape[0])
-    loss, _, logits = shortlist_bce_op(x, weight, bias, idx, pos_offsets, pos_ids, float(level_weight), sparse_grad,
-                                       deterministic)
+    loss, _, logits = _library.call(shortlist_bce_op, x, weight, bias, idx, pos_offsets, pos_ids, float(level_weight),
+                                    sparse_grad, deterministic)
     return loss, logits.detach()
 
 

@@ -228,4 +228,4 @@ def shortlist_score(
     """
     if validate and not torch.compiler.is_compiling():
         check_shortlist_inputs(x, weight, bias, idx, weight_scale)
-    return shortlist_score_op(x, weight, bias, idx, sparse_grad, deterministic, weight_scale)
+    return _library.call(shortlist_score_op, x, weight, bias, idx, sparse_grad, deterministic, weight_scale)
