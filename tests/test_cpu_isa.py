@@ -1,6 +1,6 @@
 """Every vector path of the C++ CPU kernels (avx512, avx512_dot, avx2, scalar), forced with
 cascadexml_fast.set_cpu_isa (the conftest `cpu_isa` fixture), against the reference: shortlist_score forward and
-gradients, block_score and cascade_search, on every table dtype. Paths this CPU lacks are skipped (the pytest
+gradients, block_score, cascade_search and topk, on every table dtype. Paths this CPU lacks are skipped (the pytest
 header lists them), so CI on any x86 machine covers what it can run. Also CASCADEXML_FAST_CPU_ISA at import, and
 bad names."""
 import os
@@ -43,6 +43,28 @@ def test_shortlist_score_and_gradients_on_every_path(cpu_isa, w_dtype, D):
     assert torch.equal(rows, ref_rows)
     torch.testing.assert_close(rows_w, ref_rows_w, **GRAD_TOL[w_dtype])
     torch.testing.assert_close(rows_b, ref_rows_b, **TOL)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("k", [1, 3, 40, 130])
+def test_topk_on_every_path(cpu_isa, k):
+    """topk's chunk test against the bar (topk.cpp, per path): rows of every length around the 16-lane vectors and
+    64-score chunks, ties, NaN, +-inf, signed zeros, subnormals, ascending and descending rows, masks."""
+    from test_search import assert_topk_equal
+
+    gen = torch.Generator().manual_seed(k)
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38])
+    for n in (1, 15, 16, 17, 63, 64, 65, 129, 700, 5000):
+        scores = torch.randint(-5, 6, (7, n), generator=gen).float()
+        scores[1] = torch.randn(n, generator=gen)
+        scores[2] = torch.arange(n, dtype=torch.float32)  # ascending: every chunk raises the bar
+        scores[3] = -torch.arange(n, dtype=torch.float32)
+        scores[4] = specials[torch.randint(0, len(specials), (n,), generator=gen)]
+        scores[5, ::3] = float("nan")
+        scores[6, n // 2:] = 100.0  # the best arrive late, all tied
+        mask = torch.rand(7, n, generator=gen) > 0.4
+        assert_topk_equal(OPS.topk(scores, k), reference.topk(scores, k))
+        assert_topk_equal(OPS.topk(scores, k, mask), reference.topk(scores, k, mask))
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)

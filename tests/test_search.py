@@ -57,6 +57,7 @@ def test_topk_rules_by_hand():
     mask = torch.tensor([[True, True, False, True, False, False]])
     assert cx.topk(scores, 3, mask)[1].tolist() == [[3, 0, 1]]
     assert cx.topk(scores, 2, torch.zeros_like(mask))[1].tolist() == [[-1, -1]]
+    assert cx.topk(torch.tensor([[-0.0, 0.0, -0.0]]), 3)[1].tolist() == [[0, 1, 2]]  # -0.0 == +0.0: a tie
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -195,7 +196,8 @@ def test_opcheck_search_ops():
 
 @pytest.mark.parametrize("k", [1, 10, 100, 600])
 def test_topk_long_rows_with_ties_nan_and_masks(k):
-    # Long rows take the bounded-heap path with chunk skipping; ties, NaN, -inf and masks must not disturb it.
+    # Long rows: past the first chunks most scores are tested against the bar only by vector compares; ties,
+    # NaN, -inf and masks must not disturb it.
     gen = torch.Generator().manual_seed(k)
     scores = torch.randint(-3, 3, (8, 5000), generator=gen).float()
     scores[0, ::7] = float("nan")

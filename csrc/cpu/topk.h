@@ -1,9 +1,9 @@
 // Row top-k under DESIGN.md's rules, shared by the topk op and the cascade search.
 //
 // Each candidate becomes one uint64 key: an order-preserving image of its fp32 score in the high half (NaN
-// canonicalised to 0, below -inf) and the inverted position in the low half, so a larger key is a better
-// candidate and equal scores prefer the lower position. Selecting the k largest keys is then a plain
-// nth_element + sort with no tie-breaking logic of its own.
+// canonicalised to 0, below -inf; -0.0 to +0.0's image, as the two compare equal) and the inverted position in the low half, so a larger key is a better
+// candidate and equal scores prefer the lower position. Selecting the k largest keys then needs no tie-breaking
+// logic of its own.
 #pragma once
 
 #include <algorithm>
@@ -17,9 +17,11 @@
 namespace cxf {
 
 inline uint32_t ordered_key(float score) {
-  if (std::isnan(score)) return 0u;
   uint32_t bits;
   std::memcpy(&bits, &score, sizeof bits);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return 0u;  // NaN
+  if (magnitude == 0) bits = 0;             // -0.0 == +0.0: a tie, decided by position
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
@@ -29,61 +31,48 @@ inline uint64_t pack_key(float score, int64_t position) {
 
 inline int64_t unpack_position(uint64_t key) { return int64_t(0xffffffffu - uint32_t(key & 0xffffffffu)); }
 
+// Bit i set where ordered_key(scores[i]) > bar, for n <= 64 scores (topk.cpp: vectorised on the active path).
+uint64_t scores_above(const float* scores, int64_t n, uint32_t bar);
+
 // Top k of scores[0:n] among positions where valid(i) (any callable; all positions if it always says true).
 // Writes k values and positions; slots past the number of candidates get -inf and -1. `keys` is scratch.
-// Small k (the usual case: k << n) keeps a min-heap of the k best keys, so most candidates cost one compare;
-// otherwise all keys are collected and partitioned with nth_element.
+//
+// The candidates are read in position order, 64 at a time, into a buffer of keys. Whenever it holds 2k keys it is
+// cut back to its best k (nth_element), and the k-th best key's score becomes the bar: a later candidate can only
+// enter with a score key above it (one with an equal score has a larger position, so a smaller key), and
+// scores_above tests a whole chunk against it in a few vector instructions, so past the first few chunks most
+// scores cost no scalar work at all, and valid(i) is asked only of those above the bar. Each cut removes k keys
+// from a buffer of 2k + 63 at most, so even an ascending row costs O(n) in all. The order of keys is total: the
+// result is the same set in the same order as any exact method's.
 template <class Valid>
 void select_topk(const float* scores, int64_t n, Valid valid, int64_t k, float* out_values, int64_t* out_positions,
                  std::vector<uint64_t>& keys) {
+  constexpr int64_t kChunk = 64;
   keys.clear();
-  int64_t m = 0;
-  if (k > 0 && 8 * k <= n) {
-    const auto worse = std::greater<uint64_t>();  // with greater<>, the heap's front is the smallest key
-    // Once the heap is full, a score below the k-th best (`bar`) cannot enter: whole chunks whose maximum is
-    // below it are skipped by a vectorisable scan. NaN never passes (it ranks below -inf); a NaN at the front
-    // lowers the bar to -inf so that every number is compared by key.
-    constexpr int64_t kChunk = 64;
-    bool full = false;
-    float bar = -std::numeric_limits<float>::infinity();
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      const int64_t c1 = std::min(n, c0 + kChunk);
-      if (full) {
-        float high = -std::numeric_limits<float>::infinity();
-        for (int64_t i = c0; i < c1; ++i) high = high < scores[i] ? scores[i] : high;
-        if (high < bar) continue;
-      }
-      for (int64_t i = c0; i < c1; ++i) {
-        const float s = scores[i];
-        if ((full && !(s >= bar)) || !valid(i)) continue;
-        const uint64_t key = pack_key(s, i);
-        if (!full) {
-          keys.push_back(key);
-          std::push_heap(keys.begin(), keys.end(), worse);
-          full = int64_t(keys.size()) == k;
-        } else if (key > keys.front()) {
-          std::pop_heap(keys.begin(), keys.end(), worse);
-          keys.back() = key;
-          std::push_heap(keys.begin(), keys.end(), worse);
-        } else {
-          continue;
-        }
-        if (full) {
-          const float front = scores[unpack_position(keys.front())];
-          bar = std::isnan(front) ? -std::numeric_limits<float>::infinity() : front;
-        }
+  const auto better = std::greater<uint64_t>();
+  bool have_bar = false;
+  uint32_t bar = 0;
+  for (int64_t c0 = 0; k > 0 && c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    if (!have_bar) {
+      for (int64_t i = c0; i < c0 + len; ++i)
+        if (valid(i)) keys.push_back(pack_key(scores[i], i));
+    } else {
+      for (uint64_t above = scores_above(scores + c0, len, bar); above != 0; above &= above - 1) {
+        const int64_t i = c0 + __builtin_ctzll(above);
+        if (valid(i)) keys.push_back(pack_key(scores[i], i));
       }
     }
-    m = int64_t(keys.size());
-    std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
-  } else {
-    for (int64_t i = 0; i < n; ++i)
-      if (valid(i)) keys.push_back(pack_key(scores[i], i));
-    m = std::min<int64_t>(k, int64_t(keys.size()));
-    if (m < int64_t(keys.size()))
-      std::nth_element(keys.begin(), keys.begin() + m, keys.end(), std::greater<uint64_t>());
-    std::sort(keys.begin(), keys.begin() + m, std::greater<uint64_t>());
+    if (int64_t(keys.size()) >= 2 * k) {
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), better);
+      keys.resize(k);
+      bar = uint32_t(keys[k - 1] >> 32);
+      have_bar = true;
+    }
   }
+  const int64_t m = std::min<int64_t>(k, int64_t(keys.size()));
+  if (m < int64_t(keys.size())) std::nth_element(keys.begin(), keys.begin() + m, keys.end(), better);
+  std::sort(keys.begin(), keys.begin() + m, better);
   for (int64_t j = 0; j < m; ++j) {
     const int64_t p = unpack_position(keys[j]);
     out_positions[j] = p;
