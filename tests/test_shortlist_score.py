@@ -1,4 +1,5 @@
 """shortlist_score through the registered op (C++ kernels on CPU) against ops/reference.py."""
+import io
 import math
 import sys
 
@@ -411,3 +412,53 @@ def test_calls_that_need_gradients_keep_the_autograd_layer():
             if idx[bi, k] >= 0:
                 expected[idx[bi, k]] += x[bi]
     torch.testing.assert_close(w.grad, expected, **TOL)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_dense_weight_gradient_of_a_large_table(w_dtype):
+    """A dense gradient of >= 2 MiB comes from a lazily zeroed mapping (csrc/cpu/hugepage_alloc.h): the rows no
+    shortlist holds must read as zeros, and the tensor must behave as any other: accumulated into by a second
+    backward, changed in place, saved and loaded."""
+    gen = torch.Generator().manual_seed(9)
+    N, D = 4096, 384  # 6 MiB fp32, 3 MiB bf16
+    x, w, b, idx = make_inputs(3, 50, D, N, w_dtype=w_dtype, b_dtype=w_dtype, generator=gen)
+    upstream = torch.randn(3, 50, generator=gen).masked_fill(idx < 0, 0)
+    ws = w.clone().requires_grad_()
+    for _ in range(2):  # the second backward accumulates into the first's gradient
+        (cx.shortlist_score(x, ws, b, idx).masked_fill(idx < 0, 0) * upstream).sum().backward()
+    wf = w.float().requires_grad_()
+    (reference.shortlist_score(x, wf, b.float(), idx).masked_fill(idx < 0, 0) * upstream).sum().backward()
+    untouched = torch.ones(N, dtype=torch.bool)
+    untouched[idx[idx >= 0]] = False
+    assert ws.grad.dtype == w_dtype and bool(untouched.any())
+    assert not ws.grad[untouched].any()
+    torch.testing.assert_close(ws.grad.float(), (2 * wf.grad).to(w_dtype).float(), **GRAD_TOL[w_dtype])
+    ws.grad.mul_(0.5)
+    buffer = io.BytesIO()
+    torch.save(ws.grad, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer).float(), wf.grad.to(w_dtype).float(), **GRAD_TOL[w_dtype])
+
+
+def _rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_dense_weight_gradient_touches_only_the_shortlisted_rows():
+    """The 256 MiB dense gradient of a 262,144 x 256 table whose shortlists hold ~2,000 rows: resident memory
+    grows by the written rows, not by the whole gradient (at::zeros wrote all of it)."""
+    N, D = 262144, 256
+    w = torch.zeros(N, D).normal_().requires_grad_()
+    x, idx = torch.randn(4, D), torch.randint(0, N, (4, 512))
+    scores = cx.shortlist_score(x, w, None, idx)
+    before = _rss_mib()
+    scores.sum().backward()
+    grown = _rss_mib() - before
+    assert grown < 64, f"resident memory grew by {grown:.0f} MiB for a 256 MiB gradient of ~2,000 written rows"
+    expected = torch.zeros(N, D).index_add_(0, idx.reshape(-1), x.repeat_interleave(512, dim=0))
+    torch.testing.assert_close(w.grad, expected)

@@ -475,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> shortlist_score_grad_weight_cpu(const at::Ten
   const auto g = grad.to(acc).contiguous();
   const auto xa = x.to(acc).contiguous();
   const auto ids = idx.contiguous();
-  auto dw = at::zeros({num_rows, x.size(1)}, x.options().dtype(grad_dtype(dtype, acc)));
+  auto dw = lazily_zeroed({num_rows, x.size(1)}, x.options().dtype(grad_dtype(dtype, acc)));  // U rows written
   auto db = at::zeros({num_rows}, x.options().dtype(acc));
   if (ids.numel() == 0) return {dw, db};
   dispatch_ids(ids, [&]<class I>() {
