@@ -331,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores, int64_t k,
   int64_t* pp = positions.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
-    keys.reserve(K);
+    keys.reserve(std::min<int64_t>(K, 2 * k + 64));  // select_topk's buffer never holds more
     for (int64_t b = begin; b < end; ++b) {
       const bool* row_mask = mp ? mp + b * K : nullptr;
       select_topk(sp + b * K, K, [&](int64_t i) { return row_mask == nullptr || row_mask[i]; }, k, vp + b * k,

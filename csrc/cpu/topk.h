@@ -1,9 +1,9 @@
 // Row top-k under DESIGN.md's rules, shared by the topk op and the cascade search.
 //
 // Each candidate becomes one uint64 key: an order-preserving image of its fp32 score in the high half (NaN
-// canonicalised to 0, below -inf; -0.0 to +0.0's image, as the two compare equal) and the inverted position in the low half, so a larger key is a better
-// candidate and equal scores prefer the lower position. Selecting the k largest keys then needs no tie-breaking
-// logic of its own.
+// canonicalised to 0, below -inf; -0.0 to +0.0's image, as the two compare equal) and the inverted position in the
+// low half, so a larger key is a better candidate and equal scores prefer the lower position. Selecting the k
+// largest keys then needs no tie-breaking logic of its own.
 #pragma once
 
 #include <algorithm>
