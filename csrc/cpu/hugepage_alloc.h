@@ -38,9 +38,9 @@ inline at::Tensor hugepage_empty(at::IntArrayRef sizes, const at::TensorOptions&
 // A tensor of zeros that costs nothing up front: a fresh anonymous mapping, whose pages the OS zeroes when they are
 // first written (and maps to its shared zero page when they are first read). For the dense [N, D] weight gradient,
 // where a step writes U << N rows: at::zeros wrote all 2 GB of a 670K x 768 fp32 gradient (~0.5 s of page faults
-// and memset on the 2-core EPYC) before the kernel wrote its rows. No huge-page advice: the written rows are
-// scattered, and 2 MiB pages would make the OS zero far more than the rows. Small sizes, non-Linux and any failure
-// fall back to at::zeros.
+// and memset on the 2-core EPYC) before the kernel wrote its rows. Advised against huge pages (where THP is
+// "always"): the written rows are scattered, and 2 MiB pages would make the OS zero far more than the rows. Small
+// sizes, non-Linux and any failure fall back to at::zeros.
 inline at::Tensor lazily_zeroed(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__)
   int64_t numel = 1;
@@ -48,8 +48,12 @@ inline at::Tensor lazily_zeroed(at::IntArrayRef sizes, const at::TensorOptions& 
   const size_t nbytes = size_t(numel) * options.dtype().itemsize();
   if (nbytes >= (size_t(2) << 20) && options.device().is_cpu()) {
     void* ptr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (ptr != MAP_FAILED)
+    if (ptr != MAP_FAILED) {
+#if defined(MADV_NOHUGEPAGE)
+      madvise(ptr, nbytes, MADV_NOHUGEPAGE);
+#endif
       return at::from_blob(ptr, sizes, [nbytes](void* p) { munmap(p, nbytes); }, options);
+    }
   }
 #endif
   return at::zeros(sizes, options);
