@@ -14,6 +14,7 @@ differences between rounds), median over rounds of each round's median:
 K = 1 shows the call path alone; K = 2048 (16 clusters x 128) is bench_cpu's B = 1 shortlist. Usage:
 
     python benchmarks/microbench/call_overhead.py [--rounds 8]
+    python benchmarks/microbench/call_overhead.py --tiny   # a 4096 x 64 table, seconds (keeps the script tested)
 """
 import argparse
 import statistics
@@ -31,9 +32,11 @@ from benchmarks.bench_shortlist_score import make_shortlist  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--tiny", action="store_true", help="a 4096 x 64 table, one round, few calls")
     args = p.parse_args()
     torch.set_num_threads(1)
-    L, D = 670091, 768
+    L, D = (4096, 64) if args.tiny else (670091, 768)
+    rounds = 1 if args.tiny else args.rounds
     g = torch.Generator().manual_seed(0)
     table = harness.table_empty((L, D), torch.float32)
     table.normal_(generator=g)
@@ -42,10 +45,10 @@ def main() -> None:
     through_autograd = torch.ops.cascadexml_fast.shortlist_score
     info = harness.device_info("cpu")
     print(f"# {Path(__file__).name} on {info['name']}, torch {info['torch']}, loadavg {harness.loadavg()}; one thread; "
-          f"median over {args.rounds} interleaved rounds of each round's median; us per call")
+          f"median over {rounds} interleaved rounds of each round's median; us per call")
     print(f"{'case':<26}{'public':>10}{'autograd':>10}{'torch add':>11}{'torch gather':>14}")
     for K in (1, 2048):
-        idx = torch.tensor([[12345]]) if K == 1 else make_shortlist(L, 1, 16, 128, 0)
+        idx = torch.tensor([[L // 2]]) if K == 1 else make_shortlist(L, 1, 16, 128, 0)
         for name, W, s in (("fp32", table, None), ("int8", q, scale)):
             calls = {
                 "public": lambda W=W, s=s, idx=idx: cx.shortlist_score(x, W, None, idx, validate=False, weight_scale=s),
@@ -54,12 +57,13 @@ def main() -> None:
                 "torch gather": lambda idx=idx: table.index_select(0, idx[0]),
             }
             for flush in (False, True):
-                rounds = {c: [] for c in calls}
-                for _ in range(args.rounds):
+                per_round = {c: [] for c in calls}
+                for _ in range(rounds):
                     for c, fn in calls.items():
-                        t = harness.time_fn(fn, warmup=2, reps=25 if flush else 200, flush=flush)
-                        rounds[c].append(t["median_ms"] * 1e3)
-                med = {c: statistics.median(v) for c, v in rounds.items()}
+                        reps = (3 if flush else 10) if args.tiny else (25 if flush else 200)
+                        t = harness.time_fn(fn, warmup=2, reps=reps, flush=flush)
+                        per_round[c].append(t["median_ms"] * 1e3)
+                med = {c: statistics.median(v) for c, v in per_round.items()}
                 label = f"K={K} {name} {'cold' if flush else 'warm'}"
                 print(f"{label:<26}{med['public']:>10.1f}{med['autograd']:>10.1f}{med['torch add']:>11.1f}"
                       f"{med['torch gather']:>14.1f}", flush=True)
