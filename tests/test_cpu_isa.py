@@ -68,6 +68,26 @@ def test_topk_on_every_path(cpu_isa, k):
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("k", [16, 128])
+def test_topk_first_bar_from_a_sample(cpu_isa, k):
+    """Rows of 16k to 64k scores start from a bar taken from a sample of every (2k / 16)-th score (topk.h): right,
+    tied with everything, and too high (fewer than k scores reach it: the row is read again)."""
+    from test_search import assert_topk_equal
+
+    gen = torch.Generator().manual_seed(k)
+    n, stride = 32 * k, 2 * k // 16
+    too_high = torch.full((n,), 5.0)
+    too_high[::stride] = 0.0
+    too_high[: 16 * stride : stride] = 100.0 + torch.arange(16.0)  # the sample's 16 best, and nothing else above 5
+    rows = torch.stack([torch.randn(n, generator=gen), torch.ones(n), too_high,
+                        torch.randint(-2, 3, (n,), generator=gen).float()])
+    mask = torch.rand(rows.shape, generator=gen) > 0.5
+    for kk in (k, 2 * k, n // 64):
+        assert_topk_equal(OPS.topk(rows, kk), reference.topk(rows, kk))
+        assert_topk_equal(OPS.topk(rows, kk, mask), reference.topk(rows, kk, mask))
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("w_dtype", STORAGE)
 def test_block_score_and_cascade_search_on_every_path(cpu_isa, w_dtype):
     gen = torch.Generator().manual_seed(3)
