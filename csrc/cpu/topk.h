@@ -48,8 +48,8 @@ uint64_t scores_above(const float* scores, int64_t n, uint32_t bar);
 // Where k is a large share of the row (16k <= n <= 64k), the climb of the bar from the row's first 2k candidates
 // would let in several times k of them: a first bar is taken instead from a sample of every (2k / 16)-th candidate,
 // just below its 16th best (so ~2k scores are expected at or above it). Should fewer than k candidates reach it,
-// the row is read again without it. Measured on the 2-core EPYC, one thread: [256, 4096] k = 128 3.8 -> 2.2 ms,
-// [32, 65536] k = 2048 8.1 -> 4.4 ms, rows outside that range unchanged.
+// the row is read again without it. Measured on the 2-core EPYC, one thread: [256, 4096] k = 128 4.0-4.9 -> 2.6-2.7
+// ms (bench_topk.py), [32, 65536] k = 2048 8.1 -> 4.4 ms; rows outside that range unchanged.
 template <class Valid>
 void select_topk(const float* scores, int64_t n, Valid valid, int64_t k, float* out_values, int64_t* out_positions,
                  std::vector<uint64_t>& keys) {
