@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import cascadexml_fast as cx
 from cascadexml_fast.ops import reference
+from conftest import CPU_ISAS
 from test_search import random_offsets
 from test_shortlist_score import ID_DTYPES, STORAGE, TOL, assert_scores_equal
 
@@ -188,10 +189,8 @@ def test_block_score_int8_matches_dequantised_reference(B, C, nodes, D, x_dtype,
 # every int8 dot-product variant of the C++ kernels (csrc/cpu/row_dot.cpp), forced in turn
 
 
-INT8_VARIANTS = ["avx512_vnni", "avx512_dot", "avx512", "avx2", "scalar"]  # vnni, dot: vpdpwssd on split features
-
-
-@pytest.mark.parametrize("cpu_isa", INT8_VARIANTS, indirect=True)  # the conftest fixture forces the path
+# Each vector path has its own int8 dot (avx512_vnni and avx512_dot: vpdpwssd on split features).
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)  # the conftest fixture forces the path
 @pytest.mark.parametrize("D", [1, 37, 64, 100, 768])  # tails of every length class, whole 64-lane blocks
 def test_every_int8_dot_variant_matches_reference(cpu_isa, D):
     gen = torch.Generator().manual_seed(D)

@@ -1,4 +1,4 @@
-// The two parts of a document's features for the avx512_dot path's row dots (see query.h for the bounds).
+// The two parts of a document's features for the avx512_vnni / avx512_dot paths' row dots (query.h: the bounds).
 //
 // Branch-free loops over bit patterns, so that the compiler vectorises them: this runs once per document and call,
 // B x D elements (a B = 256 batch of a 4-level cascade splits 786K features).
