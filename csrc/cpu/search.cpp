@@ -184,6 +184,14 @@ inline const float* level_scale(const Level& level) {
   return level.scale.defined() ? level.scale.data_ptr<float>() : nullptr;
 }
 
+// A level's rows streamed with their bias and int8 scales (PrefetchStream::sides).
+inline void stream_sides(PrefetchStream& ahead, const Level& level) {
+  ahead.table = static_cast<const char*>(level.W.data_ptr());
+  ahead.row_bytes = level.D * level.W.element_size();
+  ahead.sides[0] = RowArray(level.bias);
+  ahead.sides[1] = RowArray(level.scale);
+}
+
 // The children block [start, start + size) of `node` (level `level`) must lie in the next level's `rows` and hold at
 // most `width` nodes: both searches check each block they read, just before reading it (a call reads a few hundred
 // blocks per document, not the 75K of a 670K-label tree, so this is cheaper than checking the whole tree).
@@ -274,6 +282,7 @@ void grouped_search(const std::vector<Level>& lv, at::IntArrayRef beams, at::Int
       block_extent(off, chosen[g], next_rows, table, row_bytes, block_starts[g], block_bytes[g]);
     at::parallel_for(0, num_chosen, 4, [&](int64_t begin, int64_t end) {
       PrefetchStream ahead{block_starts.data(), block_bytes.data(), begin, end, 0};
+      stream_sides(ahead, lv[l]);
       ahead.advance(kPrefetchBytes);
       for (int64_t g = begin; g < end; ++g) {
         const int64_t node = chosen[g], first = group_start[node], m = group_start[node + 1] - first;
@@ -482,6 +491,7 @@ std::tuple<at::Tensor, at::Tensor> cascade_search_cpu(at::TensorList features, a
         block_extent(off, s.beam_nodes[j], next_rows, table, row_bytes, s.block_starts[j], s.block_bytes[j]);
       for_range(beam, 16, [&](int64_t j0, int64_t j1) {
         PrefetchStream ahead{s.block_starts.data(), s.block_bytes.data(), j0, j1, 0};
+        stream_sides(ahead, lv[l]);
         ahead.advance(kPrefetchBytes);
         for (int64_t j = j0; j < j1; ++j) {
           std::fill(s.parent.begin() + j * width, s.parent.begin() + (j + 1) * width, s.beam_values[j]);

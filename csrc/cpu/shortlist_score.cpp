@@ -37,17 +37,26 @@ constexpr int64_t kPrefetchAhead = 6;
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
+// Row `id` of a table of row_bytes rows and the id's entries of the side arrays.
+CXF_PREFETCH_INLINE void prefetch_id(const void* W, int64_t row_bytes, const RowArray (&sides)[2], int64_t id) {
+  prefetch_row(static_cast<const char*>(W) + id * row_bytes, row_bytes);
+  sides[0].prefetch(id, 1);
+  sides[1].prefetch(id, 1);
+}
+
 // Scores ids[0:n]; ids[n:readable] are the entries that follow (the next work item of the same document), whose
 // rows are prefetched too so that the next item starts with its first rows in flight.
-// scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr.
+// scale: per-row scales of an int8 table (the dot is multiplied by scale[id]), or nullptr. sides: the arrays read
+// per id after the kernel (the bias) or in it (the scales), prefetched with the rows.
 template <class L, class I>
 CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename L::T* W, int64_t D, const I* ids,
-                                 int64_t n, int64_t readable, const float* scale, typename L::A* out) {
+                                 int64_t n, int64_t readable, const float* scale, const RowArray (&sides)[2],
+                                 typename L::A* out) {
   using A = typename L::A;
   const int64_t row_bytes = D * int64_t(sizeof(typename L::T));
   const int64_t ahead = std::min(kPrefetchAhead, readable);
   for (int64_t k = 0; k < ahead; ++k)
-    if (ids[k] >= 0) prefetch_row(W + int64_t(ids[k]) * D, row_bytes);
+    if (ids[k] >= 0) prefetch_id(W, row_bytes, sides, int64_t(ids[k]));
   // Rows are scored rows_per_dot at a time (vec.h dot_rows: the same bits as one at a time); pads get -inf.
   const int step = rows_per_dot(xb);
   const typename L::T* rows[kDotRows];
@@ -56,7 +65,7 @@ CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename 
   int pending = 0;
   for (int64_t k = 0; k < n; ++k) {
     if (k + kPrefetchAhead < readable && ids[k + kPrefetchAhead] >= 0)
-      prefetch_row(W + int64_t(ids[k + kPrefetchAhead]) * D, row_bytes);
+      prefetch_id(W, row_bytes, sides, int64_t(ids[k + kPrefetchAhead]));
     const int64_t id = ids[k];
     if (id < 0) {
       out[k] = -std::numeric_limits<A>::infinity();
@@ -72,20 +81,35 @@ CXF_KERNEL void score_ids_kernel(const Query<typename L::A>& xb, const typename 
   }
 }
 
+// out[i] += bias[ids[i]] for i in [begin, end), ids[i] >= 0.
+template <class A, class I>
+void add_bias_range(const at::Tensor& bias, const I* ids, A* out, int64_t begin, int64_t end) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias.scalar_type(), "shortlist_score_bias", [&] {
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    for (int64_t i = begin; i < end; ++i)
+      if (ids[i] >= 0) out[i] += static_cast<A>(bp[ids[i]]);
+  });
+}
+
+// The per-document forward, kIdsPerTask ids a work item; each item adds its bias right after its dots (the bias
+// entries were prefetched with the rows; a separate pass over the whole output read them again from memory).
 template <class L, class I>
 void forward_impl(const at::Tensor& xf, const at::Tensor& W, const at::Tensor& idx, const float* scale,
-                  at::Tensor& out) {
+                  const at::Tensor& bias, at::Tensor& out) {
   const int64_t B = idx.size(0), K = idx.size(1), D = W.size(1);
   using A = typename L::A;
   const auto queries = queries_for<L>(xf.data_ptr<A>(), B, D);
   const auto* w = reinterpret_cast<const typename L::T*>(W.data_ptr());
   const I* ids = idx.data_ptr<I>();
   A* o = out.data_ptr<A>();
+  const RowArray sides[2] = {RowArray(bias), RowArray(scale, int64_t(sizeof(float)))};
   const int64_t blocks = (K + kIdsPerTask - 1) / kIdsPerTask;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / blocks, k0 = (t % blocks) * kIdsPerTask, n = std::min(kIdsPerTask, K - k0);
-      with_isa([&] { score_ids_kernel<L, I>(queries[b], w, D, ids + b * K + k0, n, K - k0, scale, o + b * K + k0); });
+      const int64_t first = b * K + k0;
+      with_isa([&] { score_ids_kernel<L, I>(queries[b], w, D, ids + first, n, K - k0, scale, sides, o + first); });
+      if (bias.defined()) add_bias_range<A, I>(bias, ids, o, first, first + n);
     }
   });
 }
@@ -207,18 +231,13 @@ bool forward_grouped_impl(const at::Tensor& xf, const at::Tensor& W, const at::T
   return true;
 }
 
+// The bias of the grouped forward, a pass over the output.
 template <class A, class I>
 void add_bias(const at::Tensor& bias, const at::Tensor& idx, at::Tensor& out) {
   const I* ids = idx.data_ptr<I>();
   A* o = out.data_ptr<A>();
-  const int64_t n = idx.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias.scalar_type(), "shortlist_score_bias", [&] {
-    const scalar_t* bp = bias.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        if (ids[i] >= 0) o[i] += static_cast<A>(bp[ids[i]]);
-    });
-  });
+  at::parallel_for(0, idx.numel(), 4096,
+                   [&](int64_t begin, int64_t end) { add_bias_range<A, I>(bias, ids, o, begin, end); });
 }
 
 // Calls fn.template operator()<Loader, Index>() for the table's storage type and the ids' integer type.
@@ -430,14 +449,14 @@ at::Tensor shortlist_score_cpu(const at::Tensor& x, const at::Tensor& weight, co
   const auto ids = idx.contiguous();
   auto out = at::empty({idx.size(0), idx.size(1)}, x.options().dtype(acc));
   if (out.numel() == 0) return out;
+  const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   dispatch_table_and_ids(W, ids, [&]<class L, class I>() {
-    if (ids.size(0) < kGroupedMinDocs || !forward_grouped_impl<L, I>(xa, W, ids, scale_ptr(scale), out))
-      forward_impl<L, I>(xa, W, ids, scale_ptr(scale), out);
+    if (ids.size(0) >= kGroupedMinDocs && forward_grouped_impl<L, I>(xa, W, ids, scale_ptr(scale), out)) {
+      if (b.defined()) add_bias<typename L::A, I>(b, ids, out);
+    } else {
+      forward_impl<L, I>(xa, W, ids, scale_ptr(scale), b, out);
+    }
   });
-  if (bias.has_value() && bias->defined())
-    dispatch_ids(ids, [&]<class I>() {
-      dispatch_acc(acc, [&]<class L>() { add_bias<typename L::A, I>(bias->contiguous(), ids, out); });
-    });
   return out;
 }
 

@@ -174,7 +174,11 @@ inline void scale(typename L::A a, const typename L::T* __restrict w, typename L
 // is 48 lines and several rows are in flight at once, more than L1's miss buffers hold, so T0 prefetches stall
 // or get dropped; measured on the 2-core EPYC (benchmarks/README.md, "Huge pages and prefetch"), T1 reads random
 // fp32 / bf16 rows 1.4-1.7x faster than T0 (int8 1.1x).
-inline void prefetch_row(const void* row, int64_t bytes) {
+// Prefetch helpers are always inlined: one left out of line does nothing but prefetch, which GCC takes for a "pure"
+// function whose calls it may delete (it deleted every row prefetch of the shortlist forward once a helper grew).
+#define CXF_PREFETCH_INLINE __attribute__((always_inline)) inline
+
+CXF_PREFETCH_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
