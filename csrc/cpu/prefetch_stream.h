@@ -31,8 +31,13 @@ struct RowArray {
       : data(t.defined() ? static_cast<const char*>(t.data_ptr()) : nullptr),
         entry_bytes(t.defined() ? int64_t(t.element_size()) : 0) {}
 
+  // Every line of entries [row, row + rows): a run of entries that starts inside a line and crosses into the next
+  // one (a 10-row block of a fp32 bias does so 60% of the time) needs the line of its start counted in.
   CXF_PREFETCH_INLINE void prefetch(int64_t row, int64_t rows) const {
-    if (data) prefetch_row(data + row * entry_bytes, rows * entry_bytes);
+    if (data == nullptr) return;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(data + row * entry_bytes);
+    const int64_t skew = int64_t(first & 63);
+    prefetch_row(reinterpret_cast<const void*>(first - skew), rows * entry_bytes + skew);
   }
 };
 
