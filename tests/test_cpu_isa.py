@@ -172,6 +172,40 @@ def test_paths_agree_with_each_other_within_fma_rounding():
         assert not torch.equal(outs["scalar"], first)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("D", [5, 77, 768])
+def test_avx512_and_avx2_rows_have_the_same_bits(w_dtype, D):
+    """avx512 and avx2 keep the same 64 lanes, FMAs and reduction for rows widened to fp32 (fp32, bf16, int8 rows
+    without prepared parts: avx512 itself, and bf16 rows on avx512_vnni), ragged tails included (D = 5: only a tail;
+    77: one block and a tail), in the per-document shortlist, the grouped one (B >= 128 in runs) and block_score.
+    Before the tails' multiply-adds were explicit, fp32 rows with a tail differed in the last bit."""
+    supported = set(_extension.supported_cpu_isas())
+    if not {"avx512", "avx2"} <= supported:
+        pytest.skip("needs the avx512 and avx2 paths")
+    gen = torch.Generator().manual_seed(21)
+    N = 700
+    w, scale = _table(w_dtype, N, D, gen)
+    b = torch.randn(N, generator=gen)
+    x, _, _, scattered = make_inputs(3, 203, D, N, generator=gen)
+    X = torch.randn(130, D, generator=gen)
+    runs = ((torch.randint(0, 23, (130, 3), generator=gen) * 30)[..., None] + torch.arange(29)).reshape(130, -1)
+    offsets = random_offsets(60, N, gen)
+    clusters = torch.randint(-1, 60, (5, 7), generator=gen)
+    paths = ["avx512", "avx2"] + (["avx512_vnni"] if w_dtype == torch.bfloat16 and "avx512_vnni" in supported else [])
+    outs = {}
+    try:
+        for name in paths:
+            cx.set_cpu_isa(name)
+            outs[name] = (OPS.shortlist_score(x, w, b, scattered, False, False, scale),
+                          OPS.shortlist_score(X, w, None, runs, False, False, scale),
+                          cx.block_score(X[:5], w, b, clusters, offsets, weight_scale=scale)[0])
+    finally:
+        cx.set_cpu_isa("auto")
+    for name in paths[:1] + paths[2:]:
+        for got, want in zip(outs[name], outs["avx2"]):
+            assert torch.equal(got, want), name
+
+
 def test_set_cpu_isa_errors_and_auto():
     if _extension.module is None:
         pytest.skip("the C++ extension is not loaded")

@@ -16,3 +16,26 @@ def test_call_overhead_tiny():
     for line in rows:
         times = [float(v) for v in line.split()[3:]]
         assert len(times) == 4 and all(t > 0 for t in times), line
+
+
+def test_ab_builds_tiny_compares_two_checkouts():
+    # this checkout against itself: every case timed on both sides in alternating workers, ratios around 1
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/microbench/ab_builds.py"), "--base", str(ROOT),
+                          "--tiny", "--rounds", "2", "--reps", "1", "--out", "",
+                          "--cases", "shortlist:fp32:2:1,shortlist:int8:3:1,cascade:bf16:1:1"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| shortlist:") or line.startswith("| cascade:")]
+    assert [r.split("|")[1].strip() for r in rows] == ["shortlist:fp32:2:1", "shortlist:int8:3:1", "cascade:bf16:1:1"]
+    for line in rows:
+        base, head, ratio, lo, hi = (float(v) for v in line.split("|")[2:7])
+        assert base > 0 and head > 0 and lo <= ratio <= hi, line
+    assert len(re.findall(r"^# round \d (base|head):", out, flags=re.M)) == 4, out
+
+
+def test_ab_builds_rejects_bad_cases_and_missing_base():
+    script = str(ROOT / "benchmarks/microbench/ab_builds.py")
+    for args, message in ((["--cases", "shortlist:fp64:1:1"], "dtype in"), (["--cases", "topk:fp32:1:1"], "op in"),
+                          (["--cases", "shortlist:fp32:x:1"], "must be integers"), ([], "--base is required"),
+                          (["--base", "/nonexistent"], "no cascadexml_fast package")):
+        res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)

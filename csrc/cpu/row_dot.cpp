@@ -12,8 +12,10 @@
 //
 // All three keep 64 lanes (lane j sums the elements 64 i + j) and reduce them by one fixed tree: 64 -> 16 as
 // (L[j] + L[j+16]) + (L[j+32] + L[j+48]), then halving (j + 8, j + 4, j + 2, j + 1); the D % 64 trailing elements
-// are summed in order and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the
-// rounding of the fused multiply-adds. Results never depend on the thread count.
+// are summed in order (explicit fused multiply-adds on avx512 and avx2: left to contraction, GCC vectorised the
+// multiplies of part of an fp32 tail, in 16/8/4-element pieces on avx512 and 8/4 on avx2, so rows with a tail
+// differed in the last bit between the two) and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the rounding of the fused
+// multiply-adds. Results never depend on the thread count.
 //
 //   avx512_vnni         int8 rows against the two parts of x that query.h prepares once per document, multiplied
 //                       as stored, without widening: vpdpwssd on x = s (hi + lo / 2^15) (int16, s a power of two),
@@ -29,6 +31,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_*() (GCC bug 105593): harmless.
@@ -107,7 +110,7 @@ __attribute__((target("arch=x86-64-v4"))) float dot_avx512(const float* __restri
   const __m512 s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
   const float total = hsum8(_mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1)));
   float tail = 0.f;
-  for (; i < D; ++i) tail += x[i] * widen(w[i]);
+  for (; i < D; ++i) tail = std::fma(x[i], widen(w[i]), tail);
   return total + tail;
 }
 
@@ -126,7 +129,7 @@ __attribute__((target("arch=x86-64-v3"))) float dot_avx2(const float* __restrict
   const __m256 hi = _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]));
   const float total = hsum8(_mm256_add_ps(lo, hi));
   float tail = 0.f;
-  for (; i < D; ++i) tail += x[i] * widen(w[i]);
+  for (; i < D; ++i) tail = std::fma(x[i], widen(w[i]), tail);
   return total + tail;
 }
 
