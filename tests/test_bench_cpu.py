@@ -65,3 +65,39 @@ def test_cpu_isa_option_names_the_results_and_restores_the_default(tmp_path):
     assert res["paths"]["md"].name.startswith("cpu_scalar_tiny_")
     assert "CPU vector path of the kernels: scalar" in res["paths"]["md"].read_text()
     assert cx.info()["cpu_isa"] == default
+
+
+def test_runs_combine_into_each_checks_median_run():
+    def checks(roof, ratio, extra=True):
+        shortlist = [dict(method="fused", dtype="fp32", B=1, K=2048, threads=1, ms=1.0, pct_roofline=roof,
+                          x_vs_gather=5.0)]
+        cascade = [dict(method="roofline", tree="670k", dtype="fp32", B=1, threads=1, ms=1.0),
+                   dict(method="fused", tree="670k", dtype="fp32", B=1, threads=1, ms=ratio, x_vs_ref=6.0)]
+        train = [dict(method="ours-lazy", tree="670k", dtype="fp32", B=64, ms=50.0, x_vs_ref=12.0)] if extra else []
+        return bench_cpu.targets(shortlist, cascade, train)
+
+    def row(out, target):
+        return next(c for c in out if c["target"] == target)
+
+    three = bench_cpu.combine_runs([checks(70.0, 1.4), checks(90.0, 1.2, extra=False), checks(81.0, 1.3, False)])
+    roof = row(three, ">= 80% of roofline")
+    assert (roof["measured"], roof["met"], roof["note"]) == ("81%", "yes", "3 runs: 70 / 90 / 81%")
+    ratio = row(three, "B=1 within 1.25x of bytes roofline")  # lower is better: the median is still 1.3
+    assert ratio["measured"].startswith("1.3 ms") and ratio["met"] == "NO" and ratio["note"] == "3 runs: 1.4 / 1.2 / 1.3x"
+    train = row(three, ">= 10x gather+bmm+dense grad+AdamW")  # measured in one run only: kept as it is
+    assert train["note"] is None and train["met"] == "yes"
+    two = bench_cpu.combine_runs([checks(90.0, 1.2), checks(70.0, 1.4)])  # even count: the worse middle run
+    assert row(two, ">= 80% of roofline")["measured"] == "70%"
+    assert row(two, "B=1 within 1.25x of bytes roofline")["measured"].startswith("1.4 ms")
+    one = checks(75.0, 1.1)
+    assert bench_cpu.combine_runs([one]) == one
+
+
+def test_tiny_run_with_two_runs_keeps_every_runs_records(tmp_path):
+    res = bench_cpu.main(["--tiny", "--parts", "cascade", "--runs", "2", "--out", str(tmp_path)])
+    assert {r["run"] for r in res["parts"]["cascade"]} == {1, 2} and res["meta"]["runs"] == 2
+    combined = [c for c in res["checks"] if c["target"] == "B=1 >= 5x reference cascade"]
+    assert combined and all(c["note"].startswith("2 runs: ") for c in combined)
+    assert "2 runs: " in res["paths"]["md"].read_text()
+    with pytest.raises(SystemExit):
+        bench_cpu.main(["--tiny", "--runs", "0"])
