@@ -1,9 +1,13 @@
 """The Python microbenchmarks run end to end on toy shapes (so that they do not rot between the runs that fill
 benchmarks/results/)."""
+import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +43,16 @@ def test_ab_builds_rejects_bad_cases_and_missing_base():
                           (["--base", "/nonexistent"], "no cascadexml_fast package")):
         res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "benchmarks/microbench").glob("*.cpp")))
+def test_standalone_cpp_microbenchmarks_compile(source, tmp_path):
+    """The C++ loops are built by hand with the command in their header comment: compile each that way."""
+    if shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs g++ on x86-64")
+    path = ROOT / "benchmarks/microbench" / source
+    command = re.search(r"g\+\+ ([^&\n]*?) -o \S+ (benchmarks/microbench/\S+\.cpp)", path.read_text())
+    assert command and command.group(2) == f"benchmarks/microbench/{source}", "no build command in the header"
+    res = subprocess.run(["g++", *command.group(1).split(), "-o", str(tmp_path / "a.out"), str(path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
