@@ -14,8 +14,8 @@
 // (L[j] + L[j+16]) + (L[j+32] + L[j+48]), then halving (j + 8, j + 4, j + 2, j + 1); the D % 64 trailing elements
 // are summed in order (explicit fused multiply-adds on avx512 and avx2: left to contraction, GCC vectorised the
 // multiplies of part of an fp32 tail, in 16/8/4-element pieces on avx512 and 8/4 on avx2, so rows with a tail
-// differed in the last bit between the two) and added last. avx512 and avx2 are therefore bit-identical; scalar differs only by the rounding of the fused
-// multiply-adds. Results never depend on the thread count.
+// differed in the last bit between the two) and added last. avx512 and avx2 are therefore bit-identical; scalar
+// differs only by the rounding of the fused multiply-adds. Results never depend on the thread count.
 //
 //   avx512_vnni         int8 rows against the two parts of x that query.h prepares once per document, multiplied
 //                       as stored, without widening: vpdpwssd on x = s (hi + lo / 2^15) (int16, s a power of two),
