@@ -293,9 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 parts[part] = run_e2e(preset, accuracy_json)
             elapsed[part] = round(elapsed.get(part, 0.0) + time.perf_counter() - t0, 1)
         runs.append(parts)
-    first = runs[0]
-    checks = combine_runs([targets(r["shortlist"] or first["shortlist"], r["cascade"] or first["cascade"],
-                                   r["train"]) for r in runs])
+    checks = combine_runs([targets(r["shortlist"], r["cascade"], r["train"]) for r in runs])
     # every run's records, each with its run number (1 for a single run)
     parts = {p: [dict(rec, run=i + 1) for i, r in enumerate(runs) for rec in r[p]] for p in PARTS}
     print("\n" + harness.format_table(checks, COLUMNS))

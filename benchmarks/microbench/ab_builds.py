@@ -7,7 +7,8 @@ median of each build and the ratio base / head of every round (above 1: head fas
 process (both register the cascadexml_fast torch library), so drift of the host shows as spread of the ratios
 rather than as a bias. Cases are `op:dtype:B:threads`, on bench_cpu's shapes (D = 768):
 
-    shortlist:fp32:32:1    shortlist_score forward, K = 16 clusters x 128 of a 670,091-row table
+    shortlist:fp32:32:1    shortlist_score forward, K = 16 clusters x 128 of a 670,091-row table, no bias
+                           (bench_cpu's rows add one: its pass shows there, not here)
     cascade:bf16:1:1       cascade_search on the 670K tree (beams 128 / 256 / 400, k = 100)
 
 Usage (the base: a worktree of the commit to compare against, built once):
