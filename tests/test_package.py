@@ -52,6 +52,11 @@ BROKEN_EXTENSION = textwrap.dedent(
     assert torch.equal(out, reference.shortlist_score(x, w, b, idx))
     layer(x, idx).masked_fill(idx < 0, 0).sum().backward()
     assert layer.weight.grad.is_sparse and x.grad is not None
+    try:  # the reference does not check ids itself (-2 would read row 7): the Python check must stay on
+        cx.shortlist_score(x, w, b, torch.tensor([[0, -2, 1], [0, 0, 0], [1, 1, 1]]))
+        raise AssertionError("an out-of-range id passed")
+    except ValueError as exc:
+        assert "idx[0, 1] = -2 is out of range [-1, 9)" in str(exc), exc
     print("fallback ok")
     """
 )

@@ -23,10 +23,38 @@ def test_unvalidated_bad_id_still_raises_in_the_kernel_and_corrupts_nothing():
     layer = cx.ShortlistedLinear(6, 4, validate=False)
     before = [p.detach().clone() for p in layer.parameters()]
     idx = torch.tensor([[0, 7]])
-    with pytest.raises(IndexError, match=r"idx\[0, 1\] = 7 is out of range \[-1, 6\)"):
+    with pytest.raises(ValueError, match=r"idx\[0, 1\] = 7 is out of range \[-1, 6\) \(-1 is the pad id\)"):
         layer(torch.randn(1, 4), idx)
     for p, q in zip(layer.parameters(), before):
         assert torch.equal(p, q) and p.grad is None
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_validated_cpu_call_is_the_op_alone(idx_dtype, bias):
+    """On CPU the kernel checks the ids (same ValueError), so validation adds no torch call: at B = 1 each cold call
+    costs tens of microseconds, as much as the rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, idx = good()
+    idx = idx.to(idx_dtype)
+    with Calls() as calls:
+        out = cx.shortlist_score(x, w, b if bias else None, idx)
+    assert calls.names == ["cascadexml_fast.shortlist_score.default"]
+    assert torch.equal(out, cx.shortlist_score(x, w, b if bias else None, idx, validate=False))
+    bad = idx.clone()
+    bad[1, 0] = 6
+    with pytest.raises(ValueError, match=r"idx\[1, 0\] = 6 is out of range \[-1, 6\)"):
+        cx.shortlist_score(x, w, b, bad)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +93,7 @@ def test_kernel_checks_without_python_validation():
         OPS.shortlist_score(x, w, b, idx.float())
     with pytest.raises(RuntimeError, match="grad must have the shape of idx"):
         OPS.shortlist_score_grad_input(torch.randn(2, 2), w, idx)
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(ValueError, match=r"idx\[0, 1\] = 5 is out of range \[-1, 3\)"):
         OPS.shortlist_score_grad_weight(torch.randn(2, 3), x, idx, 3)
 
 
