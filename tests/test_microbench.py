@@ -19,7 +19,7 @@ def test_call_overhead_tiny():
     assert len(rows) == 8, out
     for line in rows:
         times = [float(v) for v in line.split()[3:]]
-        assert len(times) == 4 and all(t > 0 for t in times), line
+        assert len(times) == 5 and all(t > 0 for t in times), line
 
 
 def test_ab_builds_tiny_compares_two_checkouts():

@@ -5,6 +5,8 @@ A B = 1 shortlist of int8 rows is ~1.6 MB, 0.06-0.07 ms at this machine's copy b
 tens of microseconds is a large part of it. Timed, interleaved round by round (the VM's noise is larger than the
 differences between rounds), median over rounds of each round's median:
 
+    validated     cascadexml_fast.shortlist_score(...) as users call it: the Python checks (validate=True), then
+                  the op; on CPU the ids are checked by the kernel, not by torch calls (ops/_validate.py)
     public        cascadexml_fast.shortlist_score(..., validate=False): the op called below the autograd layer when
                   nothing requires grad (ops/_library.py, call)
     autograd      the same op through torch.library's autograd layer (a round trip through Python)
@@ -46,11 +48,12 @@ def main() -> None:
     info = harness.device_info("cpu")
     print(f"# {Path(__file__).name} on {info['name']}, torch {info['torch']}, loadavg {harness.loadavg()}; one thread; "
           f"median over {rounds} interleaved rounds of each round's median; us per call")
-    print(f"{'case':<26}{'public':>10}{'autograd':>10}{'torch add':>11}{'torch gather':>14}")
+    print(f"{'case':<26}{'validated':>10}{'public':>10}{'autograd':>10}{'torch add':>11}{'torch gather':>14}")
     for K in (1, 2048):
         idx = torch.tensor([[L // 2]]) if K == 1 else make_shortlist(L, 1, 16, 128, 0)
         for name, W, s in (("fp32", table, None), ("int8", q, scale)):
             calls = {
+                "validated": lambda W=W, s=s, idx=idx: cx.shortlist_score(x, W, None, idx, weight_scale=s),
                 "public": lambda W=W, s=s, idx=idx: cx.shortlist_score(x, W, None, idx, validate=False, weight_scale=s),
                 "autograd": lambda W=W, s=s, idx=idx: through_autograd(x, W, None, idx, False, False, s),
                 "torch add": lambda: x.add(1),
@@ -65,7 +68,7 @@ def main() -> None:
                         per_round[c].append(t["median_ms"] * 1e3)
                 med = {c: statistics.median(v) for c, v in per_round.items()}
                 label = f"K={K} {name} {'cold' if flush else 'warm'}"
-                print(f"{label:<26}{med['public']:>10.1f}{med['autograd']:>10.1f}{med['torch add']:>11.1f}"
+                print(f"{label:<26}{med['validated']:>10.1f}{med['public']:>10.1f}{med['autograd']:>10.1f}{med['torch add']:>11.1f}"
                       f"{med['torch gather']:>14.1f}", flush=True)
 
 
