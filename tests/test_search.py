@@ -108,6 +108,9 @@ def test_block_score_default_width_and_errors():
         cx.block_score(x, w, None, clusters, torch.tensor([0, 2, 2, 6]))
     with pytest.raises(RuntimeError, match="has 3 children but max_children is 2"):
         OPS.block_score(x, w, None, clusters, offsets, 2)  # the kernel checks too
+    for validate in (True, False):  # on CPU the kernel's check, in the same words either way
+        with pytest.raises(ValueError, match=r"clusters\[1, 1\] = -2 is out of range \[-1, 3\) \(-1 is the pad id\)"):
+            cx.block_score(x, w, None, torch.tensor([[2, 1], [0, -2]]), offsets, 3, validate=validate)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,11 +88,11 @@ def check_shortlist_inputs(
     for name, tensor in ((weight_name, weight), ("idx", idx), ("bias", bias), (scale_name, weight_scale)):
         if tensor is not None and tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {device}; put them on one device")
-    if not _kernel_checks_ids(idx):
+    if not kernel_checks_ids(idx):
         check_ids_in_range("idx", idx, N)
 
 
-def _kernel_checks_ids(idx: torch.Tensor) -> bool:
+def kernel_checks_ids(idx: torch.Tensor) -> bool:
     """True when the op's kernel raises check_ids_in_range's ValueError itself: the compiled CPU kernels check every
     id before reading a row (csrc/cpu/checks.h). Checking here too would cost four torch calls, 0.1-0.18 ms of a
     cold B = 1 call. The reference fallback and the CUDA kernels do not check."""

@@ -14,7 +14,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _library, reference
-from ._validate import FLOAT_STORAGE, check_ids_in_range, check_shortlist_inputs, check_tensor, check_weight_scale
+from ._validate import (FLOAT_STORAGE, check_ids_in_range, check_shortlist_inputs, check_tensor, check_weight_scale,
+                        kernel_checks_ids)
 
 topk_op = _library.op("topk")
 block_score_op = _library.op("block_score")
@@ -206,7 +207,8 @@ def block_score(
         if clusters.shape[0] != x.shape[0]:
             raise ValueError(f"clusters has B = {clusters.shape[0]} rows but x has B = {x.shape[0]}")
         largest = check_offsets("offsets", offsets, offsets.shape[0] - 1 if offsets.dim() == 1 else 0, weight.shape[0])
-        check_ids_in_range("clusters", clusters, offsets.shape[0] - 1)
+        if not kernel_checks_ids(clusters):
+            check_ids_in_range("clusters", clusters, offsets.shape[0] - 1)
         if max_children is not None and max_children < largest:
             raise ValueError(f"max_children = {max_children} but a cluster has {largest} children")
     if max_children is None:

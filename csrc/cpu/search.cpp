@@ -37,8 +37,9 @@ at::Tensor block_ids(const at::Tensor& clusters, const at::Tensor& offsets, int6
   int64_t* out = ids.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * C; ++i) {
     const int64_t c = cl[i];
-    TORCH_CHECK_INDEX(c >= -1 && c < num_clusters, "clusters[", i / C, ", ", i % C, "] = ", c,
-                      " is out of range [-1, ", num_clusters, ")");
+    // The Python check's ValueError, word for word (ops/search.py leaves CPU clusters to this one).
+    TORCH_CHECK_VALUE(c >= -1 && c < num_clusters, "clusters[", i / C, ", ", i % C, "] = ", c,
+                      " is out of range [-1, ", num_clusters, ") (-1 is the pad id)");
     const int64_t start = c < 0 ? 0 : off[c], size = c < 0 ? 0 : off[c + 1] - start;
     TORCH_CHECK(size >= 0 && size <= width, "cluster ", c, " has ", size, " children but max_children is ", width);
     for (int64_t j = 0; j < width; ++j) out[i * width + j] = j < size ? start + j : -1;
