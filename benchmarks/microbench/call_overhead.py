@@ -68,8 +68,8 @@ def main() -> None:
                         per_round[c].append(t["median_ms"] * 1e3)
                 med = {c: statistics.median(v) for c, v in per_round.items()}
                 label = f"K={K} {name} {'cold' if flush else 'warm'}"
-                print(f"{label:<26}{med['validated']:>10.1f}{med['public']:>10.1f}{med['autograd']:>10.1f}{med['torch add']:>11.1f}"
-                      f"{med['torch gather']:>14.1f}", flush=True)
+                print(f"{label:<26}{med['validated']:>10.1f}{med['public']:>10.1f}{med['autograd']:>10.1f}"
+                      f"{med['torch add']:>11.1f}{med['torch gather']:>14.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def check_shortlist_inputs(
     weight_scale: Optional[torch.Tensor] = None, *, int8_ok: bool = True, weight_name: str = "weight",
     scale_name: str = "weight_scale",
 ) -> None:
-    # Each tensor attribute read costs microseconds in a cold call (bench_cpu's B = 1 protocol): every shape and
-    # device is read once.
+    # Each tensor attribute read costs microseconds in a cold call (caches evicted since the last one, as after idle
+    # time or under bench_cpu's protocol): every shape and device is read once.
     check_tensor("x", x, dim=2, dtypes=FLOAT_STORAGE)
     check_tensor(weight_name, weight, dim=2, dtypes=FLOAT_STORAGE + (torch.int8,))
     check_weight_scale(weight, weight_scale, int8_ok=int8_ok, weight_name=weight_name, scale_name=scale_name)

@@ -23,9 +23,9 @@ inline void check_ids(const at::Tensor& idx) {
 
 // Every id must lie in [-1, num_rows); a ValueError names the first offending value and its position, in the words
 // of the Python check (ops/_validate.py), which leaves CPU ids to this one: its four torch calls cost 0.1-0.18 ms
-// of a cold B = 1 call, this pass a microsecond. A branch-free pass (vectorised, threads for large batches) only says whether all ids are good; the loop that
-// finds the first bad one runs only then. The branchy loop alone was ~1.3% of a B = 256 shortlist forward,
-// all of it on one thread while the others waited.
+// of a cold B = 1 call, this pass a microsecond. A branch-free pass (vectorised, threads for large batches) only
+// says whether all ids are good; the loop that finds the first bad one runs only then. The branchy loop alone was
+// ~1.3% of a B = 256 shortlist forward, all of it on one thread while the others waited.
 inline void check_ids_in_range(const at::Tensor& idx, int64_t num_rows) {
   const auto ids = idx.contiguous();
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "check_ids_in_range", [&] {
